@@ -1,0 +1,156 @@
+"""Typed configuration: one dataclass section per component.
+
+Precedence is defaults < YAML file < dotted command-line overrides (``model.cp.rank=8``).
+The resolved config is saved with every run. Each component receives only its own section.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class TrunkConfig:
+    """The causal transformer trunk (Megatron-core ``GPTModel``, local layer spec)."""
+
+    num_layers: int = 4
+    """Number of transformer layers."""
+    hidden_size: int = 256
+    """Model width d."""
+    num_attention_heads: int = 4
+    """Attention heads per layer; must divide hidden_size (and, under TP, be divisible by tp)."""
+    ffn_hidden_size: int | None = None
+    """Width of the MLP; None means 4 * hidden_size."""
+    seq_length: int = 256
+    """Tokens per training sequence (the trunk's context length)."""
+    vocab_size: int = 2048
+    """Model vocabulary V; must be >= the tokenizer's vocabulary (extra rows are never targets)."""
+    normalization: Literal["LayerNorm", "RMSNorm"] = "RMSNorm"
+    """Norm used inside the layers and as the final norm."""
+    rotary_base: int = 10000
+    """RoPE base frequency."""
+    init_method_std: float = 0.02
+    """Std of the normal init of the trunk's weights."""
+    dropout: float = 0.0
+    """Attention and hidden dropout probability."""
+
+
+@dataclass
+class CPHeadConfig:
+    """The rank-r CP multi-token head (SPEC.md)."""
+
+    horizon: int = 4
+    """n: how many future tokens are predicted (n >= 1)."""
+    rank: int = 4
+    """r: number of mixture components, also called experts (r >= 1)."""
+    parameterisation: Literal["shared", "separate"] = "shared"
+    """`shared`: U · phi_{a,s}(h) with the trunk's tied unembedding U; `separate`: own U_a^(s) per (a, s)."""
+    phi: Literal["residual", "linear"] = "residual"
+    """Per-(a, s) map under `shared`: residual h + W2 SiLU(W1 h) (W2 zero-init) or linear d x d."""
+    phi_hidden_size: int | None = None
+    """Hidden width of the residual map's W1; None means hidden_size."""
+    init_noise_std: float = 0.02
+    """Std of the per-component random init that breaks the symmetry between components."""
+    loss_impl: Literal["chunked", "naive"] = "chunked"
+    """`chunked`: exact loss via responsibilities, never holding r*n*V logits; `naive`: materialise them."""
+    chunk_tokens: int = 4096
+    """Token rows per chunk in the chunked loss (bounds the peak logit memory to chunk_tokens * V)."""
+    aux_loss_weight: float = 0.0
+    """lambda_aux: weight of the load-balancing loss r * sum_a f_a * mean_w_a (0 turns it off)."""
+
+
+@dataclass
+class ModelConfig:
+    trunk: TrunkConfig = field(default_factory=TrunkConfig)
+    cp: CPHeadConfig = field(default_factory=CPHeadConfig)
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel layout. dp is derived: world_size / (tp * pp)."""
+
+    tp: int = 1
+    """Tensor-parallel degree of the trunk (vocabulary-parallel unembedding)."""
+    pp: int = 1
+    """Pipeline-parallel degree of the trunk."""
+    ep: int = 1
+    """Expert-parallel degree of the CP head: each rank holds r / ep components."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (needs tp > 1)."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup and cosine decay, wrapped by a DeepSpeed engine."""
+
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr: float = 1e-4
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 20
+    """Linear warmup from 0 to lr over this many optimizer steps."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay (not applied to biases and norms)."""
+    beta1: float = 0.9
+    """Adam beta1."""
+    beta2: float = 0.95
+    """Adam beta2."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clipping threshold; 0 disables clipping."""
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    """DeepSpeed ZeRO stage (0: none, 1: optimizer states, 2: + gradients, 3: + parameters)."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    """Optimizer steps to train."""
+    global_batch_size: int = 16
+    """Sequences per optimizer step, over all data-parallel ranks and micro-batches."""
+    micro_batch_size: int = 8
+    """Sequences per forward/backward on one rank; accumulation = global / (micro * dp)."""
+    seed: int = 1234
+    """Seed for weights, data order and sampling."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """`auto`: bf16 on GPU, fp32 on CPU. The CP loss is computed in fp32 either way."""
+    log_every: int = 10
+    """Log metrics every this many steps."""
+    eval_every: int = 0
+    """Evaluate on held-out data every this many steps (0: only at the end)."""
+    eval_batches: int = 4
+    """Micro-batches per evaluation."""
+
+
+@dataclass
+class DataConfig:
+    corpus: Literal["stdlib-code"] = "stdlib-code"
+    """Built-in corpus used when `path` is not set."""
+    path: str | None = None
+    """Folder of prepared shards (overrides `corpus`)."""
+    tokenizer_vocab_size: int = 2048
+    """Vocabulary size of the tokenizer trained for a built-in corpus."""
+    max_chars: int = 8_000_000
+    """Cap on characters of the built-in corpus that are tokenised (0: no cap)."""
+    heldout_fraction: float = 0.02
+    """Fraction of documents held out for evaluation (chosen by a hash of the path, so fixed)."""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100
+    """Save every this many steps (0: only at the end)."""
+    keep_last: int = 2
+    """How many of the newest checkpoints to keep."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
