@@ -1,0 +1,125 @@
+"""The rank-r CP multi-token head: parameters and per-component factor logits (SPEC.md).
+
+    P(x_{t+1..t+n} | h_t) = sum_a w_a(h_t) * prod_s P_a^(s)(x_{t+s} | h_t)
+
+This module is plain single-device PyTorch and says *what* is computed. The losses live in
+`cp_loss.py`, drafting in `drafting.py`; sharding the components over an expert-parallel group is
+the business of `cpmtp_dist/parallel/`.
+
+Parameters are stacked over (component a, head position s) so that the leading dimension is the
+component (expert) dimension: expert parallelism shards dimension 0.
+
+Note: symmetry breaking. Components that start identical receive identical gradients and stay
+identical. Every component therefore gets its own random initialisation:
+  - `shared` + `residual`: phi(h) = h + W2 SiLU(W1 h); W2 = 0 (each component starts as the base
+    model), W1 ~ N(0, init_noise_std) independently per (a, s), so the W2 gradients differ.
+  - `shared` + `linear`: phi(h) = W h with W = I + N(0, init_noise_std) per (a, s).
+  - `separate`: U_a^(s) ~ N(0, init_noise_std) independently per (a, s).
+The gate starts at zero (uniform mixture weights); it is the responsibilities, which differ once the
+components differ, that drive it apart.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cpmtp_dist.config import CPHeadConfig
+
+IGNORE_INDEX = -1
+"""Target value of a missing target (past the end of a sequence, padding, masked label)."""
+
+
+def upcast(x: Tensor) -> Tensor:
+    """The loss math runs in fp32 even for a bf16 trunk; fp64 inputs (tests) stay fp64."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+class CPHead(nn.Module):
+    """Gate and component factors of the CP head.
+
+    Args:
+        hidden_size: d, width of the trunk's final hidden state.
+        vocab_size: V.
+        cfg: the head's config section (horizon n, rank r, parameterisation, ...).
+        num_local_components: components stored here (r, or r / ep under expert parallelism).
+        params_dtype: dtype of the parameters (the loss math is fp32 regardless).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        vocab_size: int,
+        cfg: CPHeadConfig,
+        *,
+        num_local_components: int | None = None,
+        params_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.vocab_size = vocab_size
+        self.horizon = cfg.horizon
+        self.rank = cfg.rank
+        self.parameterisation = cfg.parameterisation
+        self.phi_kind = cfg.phi
+        self.num_local_components = cfg.rank if num_local_components is None else num_local_components
+        d, n, r_loc = hidden_size, cfg.horizon, self.num_local_components
+        std = cfg.init_noise_std
+        kw = {"dtype": params_dtype}
+
+        # Gate over *all* r components (replicated under expert parallelism).
+        self.gate = nn.Linear(d, cfg.rank, bias=True, **kw)
+        nn.init.zeros_(self.gate.weight)
+        nn.init.zeros_(self.gate.bias)
+
+        if cfg.parameterisation == "separate":
+            self.unembed = nn.Parameter(torch.randn(r_loc, n, vocab_size, d, **kw) * std)  # (r, n, V, d)
+        elif cfg.phi == "residual":
+            hid = cfg.phi_hidden_size or d
+            self.phi_w1 = nn.Parameter(torch.randn(r_loc, n, hid, d, **kw) * std)  # (r, n, hid, d)
+            self.phi_w2 = nn.Parameter(torch.zeros(r_loc, n, d, hid, **kw))  # (r, n, d, hid)
+        elif cfg.phi == "linear":
+            eye = torch.eye(d, **kw).expand(r_loc, n, d, d)
+            self.phi_weight = nn.Parameter(eye + torch.randn(r_loc, n, d, d, **kw) * std)  # (r, n, d, d)
+        else:
+            raise ValueError(f"model.cp.phi={cfg.phi!r} is not one of 'residual', 'linear'")
+
+    # ----------------------------------------------------------------------------------------------
+    def gate_log_weights(self, h: Tensor) -> Tensor:
+        """log w(h) = log_softmax(G h + b), in fp32.  h: (N, d) -> (N, r)."""
+        return F.log_softmax(upcast(self.gate(h)), dim=-1)
+
+    def features(self, h: Tensor, a: int, s: int) -> Tensor:
+        """phi_{a,s}(h) for local component a and head position s (0-based).  (N, d) -> (N, d).
+
+        Under `separate` the features are h itself; the component lives in its unembedding.
+        """
+        if self.parameterisation == "separate":
+            return h
+        if self.phi_kind == "residual":
+            return h + F.silu(h @ self.phi_w1[a, s].t()) @ self.phi_w2[a, s].t()
+        return h @ self.phi_weight[a, s].t()
+
+    def unembedding(self, a: int, s: int, shared_unembedding: Tensor | None) -> Tensor:
+        """The (V, d) unembedding of factor (a, s): the shared U, or U_a^(s) under `separate`."""
+        if self.parameterisation == "separate":
+            return self.unembed[a, s]
+        if shared_unembedding is None:
+            raise ValueError("the `shared` parameterisation needs the trunk's unembedding weight")
+        return shared_unembedding
+
+    def factor_logits(self, h: Tensor, a: int, s: int, shared_unembedding: Tensor | None) -> Tensor:
+        """logits_a^(s)(h): (N, d) -> (N, V), in the parameters' dtype."""
+        return self.features(h, a, s) @ self.unembedding(a, s, shared_unembedding).t()
+
+    def all_factor_log_probs(self, h: Tensor, shared_unembedding: Tensor | None) -> Tensor:
+        """log P_a^(s)(. | h) for all local (a, s), fp32: (N, d) -> (N, r_local, n, V).
+
+        Materialises r*n*V numbers per position: for the naive loss, references and small models.
+        """
+        rows = [
+            torch.stack([self.factor_logits(h, a, s, shared_unembedding) for s in range(self.horizon)], dim=1)
+            for a in range(self.num_local_components)
+        ]
+        return F.log_softmax(upcast(torch.stack(rows, dim=1)), dim=-1)  # (N, r, n, V)

@@ -1,0 +1,281 @@
+"""Exact CP multi-token losses (SPEC.md, "Training loss" and "Exact loss without materialising").
+
+Per position t with component log-joints
+
+    l_{t,a} = log w_a(h_t) + sum_{s: target exists} log P_a^(s)(x_{t+s} | h_t)        # (N, r)
+    L_t     = -logsumexp_a l_{t,a}
+
+Missing targets (IGNORE_INDEX) are marginalised out by dropping their factor, which is exact
+because every factor sums to 1. Positions with no target at all contribute nothing.
+
+Two implementations with identical values and gradients:
+  - `naive`: materialise all r*n*V log-probabilities and let autograd do the rest;
+  - `chunked`: a custom autograd function. Forward runs chunk by chunk under no_grad keeping only
+    the n*r target log-probabilities per position; backward recomputes each chunk and feeds the
+    logits the closed-form gradient gamma_{t,a} * (softmax - onehot), where gamma = softmax_a(l) are
+    the responsibilities. Peak logit memory is one chunk of (chunk_tokens, V).
+All loss math is fp32, whatever the dtype of the trunk and the head's parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.func import functional_call
+
+from cpmtp_dist.model.cp_head import IGNORE_INDEX, CPHead, upcast
+
+
+@dataclass
+class CPLossOutput:
+    """Loss value and detached statistics of one batch of positions.
+
+    `loss_sum` is the only differentiable field: the *sum* of L_t over positions that have at least
+    one target. The caller divides by the global count of such positions (SPEC.md).
+    """
+
+    loss_sum: Tensor  # () fp32, differentiable
+    num_positions: Tensor  # () int64: positions with >= 1 target
+    log_weights: Tensor  # (N, r) log w
+    component_logp: Tensor  # (N, r) l_{t,a}
+    responsibilities: Tensor  # (N, r) gamma (zero rows where no target)
+    head_nll_sum: Tensor  # (n,) sum over positions of -log sum_a w_a P_a^(s)(x_{t+s})
+    head_count: Tensor  # (n,) positions whose target s exists
+    head_correct: Tensor | None  # (n,) argmax of the s-th marginal == target (when asked for)
+
+
+def _finish(log_w: Tensor, target_logp: Tensor, valid: Tensor) -> tuple[Tensor, ...]:
+    """From log w (N, r), target log-probs (N, r, n) (0 where missing) and valid (N, n) to the
+    per-position statistics shared by both implementations."""
+    ell = log_w + target_logp.sum(dim=-1)  # (N, r)
+    has_target = valid.any(dim=-1)  # (N,)
+    nll = -torch.logsumexp(ell, dim=-1)  # (N,)
+    loss_sum = torch.where(has_target, nll, torch.zeros_like(nll)).sum()
+    gamma = torch.softmax(ell, dim=-1) * has_target.unsqueeze(-1)  # (N, r)
+    # Marginal of the s-th token alone: -log sum_a w_a P_a^(s)(x_{t+s}).
+    head_nll = -torch.logsumexp(log_w.unsqueeze(-1) + target_logp, dim=1)  # (N, n)
+    head_nll_sum = torch.where(valid, head_nll, torch.zeros_like(head_nll)).sum(dim=0)
+    return loss_sum, ell, gamma, has_target, head_nll_sum
+
+
+def _check_inputs(head: CPHead, h: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    if head.num_local_components != head.rank:
+        raise ValueError("the single-device CP loss needs all r components on this device")
+    h = h.reshape(-1, h.shape[-1])  # (N, d)
+    targets = targets.reshape(-1, targets.shape[-1])  # (N, n)
+    if targets.shape[0] != h.shape[0] or targets.shape[1] != head.horizon:
+        raise ValueError(
+            f"targets of shape {tuple(targets.shape)} do not match {h.shape[0]} positions x horizon {head.horizon}"
+        )
+    return h, targets
+
+
+def naive_cp_loss(
+    head: CPHead,
+    h: Tensor,
+    targets: Tensor,
+    shared_unembedding: Tensor | None,
+    *,
+    with_accuracy: bool = False,
+) -> CPLossOutput:
+    """Reference implementation: materialises (N, r, n, V) log-probabilities.
+
+    h: (..., d) trunk output; targets: (..., n) token ids, IGNORE_INDEX where missing.
+    """
+    h, targets = _check_inputs(head, h, targets)
+    valid = targets != IGNORE_INDEX  # (N, n)
+    log_w = head.gate_log_weights(h)  # (N, r)
+    logp = head.all_factor_log_probs(h, shared_unembedding)  # (N, r, n, V)
+    idx = targets.clamp_min(0)[:, None, :, None].expand(-1, head.rank, -1, 1)
+    target_logp = logp.gather(-1, idx).squeeze(-1) * valid.unsqueeze(1)  # (N, r, n)
+    loss_sum, ell, gamma, has_target, head_nll_sum = _finish(log_w, target_logp, valid)
+    correct = None
+    if with_accuracy:
+        with torch.no_grad():
+            mix = torch.logsumexp(log_w[:, :, None, None] + logp, dim=1)  # (N, n, V)
+            correct = ((mix.argmax(-1) == targets) & valid).sum(0)
+    return CPLossOutput(
+        loss_sum=loss_sum,
+        num_positions=has_target.sum(),
+        log_weights=log_w.detach(),
+        component_logp=ell.detach(),
+        responsibilities=gamma.detach(),
+        head_nll_sum=head_nll_sum.detach(),
+        head_count=valid.sum(0),
+        head_correct=correct,
+    )
+
+
+def _chunks(n_rows: int, chunk: int) -> list[slice]:
+    return [slice(i, min(i + chunk, n_rows)) for i in range(0, n_rows, chunk)]
+
+
+class _ChunkedCPLoss(torch.autograd.Function):
+    """loss_sum = sum_t L_t with gradients from the responsibility surrogate.
+
+    Inputs after the non-tensor arguments: h (N, d), shared unembedding (V, d) or None, then the
+    head's parameters in `names` order; they are routed through `apply` so that gradients reach them
+    through autograd (and hence through DeepSpeed's gradient hooks), not by writing `.grad`.
+    """
+
+    @staticmethod
+    def forward(ctx, head, names, targets, chunk_tokens, with_accuracy, stats, h, unembed, *params):
+        valid = targets != IGNORE_INDEX  # (N, n)
+        ldt = upcast(h[:0]).dtype  # loss dtype
+        n_rows, r, n = h.shape[0], head.rank, head.horizon
+        log_w = torch.empty(n_rows, r, dtype=ldt, device=h.device)
+        target_logp = torch.zeros(n_rows, r, n, dtype=ldt, device=h.device)
+        correct = torch.zeros(n, dtype=torch.long, device=h.device) if with_accuracy else None
+        tgt = targets.clamp_min(0)
+        for rows in _chunks(n_rows, chunk_tokens):
+            hc = h[rows]
+            log_w[rows] = head.gate_log_weights(hc)
+            for s in range(n):
+                mix = None  # (rows, V): the s-th marginal, only for accuracy
+                for a in range(r):
+                    lp = F.log_softmax(upcast(head.factor_logits(hc, a, s, unembed)), dim=-1)  # (rows, V)
+                    target_logp[rows, a, s] = lp.gather(-1, tgt[rows, s : s + 1]).squeeze(-1)
+                    if with_accuracy:
+                        term = lp.add_(log_w[rows, a : a + 1]).exp_()
+                        mix = term if mix is None else mix.add_(term)
+                if with_accuracy:
+                    hit = (mix.argmax(-1) == targets[rows, s]) & valid[rows, s]
+                    correct[s] += hit.sum()
+        target_logp *= valid.unsqueeze(1)
+        loss_sum, ell, gamma, has_target, head_nll_sum = _finish(log_w, target_logp, valid)
+        ctx.head, ctx.names, ctx.chunk_tokens = head, names, chunk_tokens
+        ctx.save_for_backward(h, unembed, targets, gamma, *params)
+        ctx.mark_non_differentiable(ell, gamma, log_w)
+        # Statistics leave through a plain dict: they need no gradient and exist under no_grad too.
+        stats.update(num_positions=has_target.sum(), head_nll_sum=head_nll_sum, head_count=valid.sum(0))
+        stats["head_correct"] = correct
+        return loss_sum, log_w, ell, gamma
+
+    @staticmethod
+    def backward(ctx, grad_loss, _g_logw, _g_ell, _g_gamma):
+        h, unembed, targets, gamma, *params = ctx.saved_tensors
+        head, names = ctx.head, ctx.names
+        valid = targets != IGNORE_INDEX
+        tgt = targets.clamp_min(0)
+        # Fresh leaves: the recomputation differentiates w.r.t. these and hands the result back.
+        leaves = {k: p.detach().requires_grad_(p.requires_grad) for k, p in zip(names, params, strict=True)}
+        u_leaf = None if unembed is None else unembed.detach().requires_grad_(unembed.requires_grad)
+        wrt = [leaves[k] for k in names if leaves[k].requires_grad]
+        wrt_u = [u_leaf] if u_leaf is not None and u_leaf.requires_grad else []
+        grad_h = torch.zeros_like(upcast(h)) if h.requires_grad else None
+        acc = [torch.zeros_like(upcast(p)) for p in wrt + wrt_u]
+        scale = gamma * grad_loss  # (N, r): d loss_sum / d log w_a and d log P_a^(s)
+
+        def accumulate(out: Tensor, grad_out: Tensor, hc: Tensor, rows: slice) -> None:
+            inputs = ([hc] if grad_h is not None else []) + wrt + wrt_u
+            grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
+            if grad_h is not None:
+                grad_h[rows] += upcast(grads[0])
+                grads = grads[1:]
+            for buf, g in zip(acc, grads, strict=True):
+                if g is not None:
+                    buf += upcast(g)
+
+        for rows in _chunks(h.shape[0], ctx.chunk_tokens):
+            hc = h[rows].detach().requires_grad_(grad_h is not None)
+            with torch.enable_grad():
+                log_w = _call(head, leaves, "gate_log_weights", hc)  # (rows, r)
+            # d(-sum_a gamma_a log w_a)/d log w = -gamma
+            accumulate(log_w, -scale[rows], hc, rows)
+            for s in range(head.horizon):
+                for a in range(head.rank):
+                    with torch.enable_grad():
+                        logits = _call(head, leaves, "factor_logits", hc, a, s, u_leaf)  # (rows, V)
+                    with torch.no_grad():
+                        # d(-gamma log softmax(z)[x]) / dz = gamma * (softmax(z) - onehot(x)),
+                        # dropped where the target is missing.
+                        g = torch.softmax(upcast(logits), dim=-1)
+                        g.scatter_add_(-1, tgt[rows, s : s + 1], torch.full_like(g[:, :1], -1.0))
+                        g *= (scale[rows, a] * valid[rows, s]).unsqueeze(-1)
+                    accumulate(logits, g.to(logits.dtype), hc, rows)
+
+        it = iter(acc)
+        grad_params = [next(it).to(p.dtype) if p.requires_grad else None for p in params]
+        grad_u = next(it).to(unembed.dtype) if wrt_u else None
+        grad_h = None if grad_h is None else grad_h.to(h.dtype)
+        return (None, None, None, None, None, None, grad_h, grad_u, *grad_params)
+
+
+class _Method(torch.nn.Module):
+    """Exposes one method of the head as `forward`, so that `functional_call` can swap its params."""
+
+    def __init__(self, head: CPHead, method: str) -> None:
+        super().__init__()
+        self.head, self.method = head, method
+
+    def forward(self, *args):
+        return getattr(self.head, self.method)(*args)
+
+
+def _call(head: CPHead, leaves: dict[str, Tensor], method: str, *args) -> Tensor:
+    """Call `head.<method>(*args)` with its parameters replaced by `leaves` (fresh autograd leaves,
+    so that no hook registered on the real parameters fires during the recomputation)."""
+    params = {f"head.{k}": v for k, v in leaves.items()}
+    return functional_call(_Method(head, method), params, args, strict=True, tie_weights=False)
+
+
+def chunked_cp_loss(
+    head: CPHead,
+    h: Tensor,
+    targets: Tensor,
+    shared_unembedding: Tensor | None,
+    *,
+    chunk_tokens: int = 4096,
+    with_accuracy: bool = False,
+) -> CPLossOutput:
+    """Exact CP loss whose peak logit memory is (chunk_tokens, V); same values and gradients as
+    `naive_cp_loss`.  h: (..., d); targets: (..., n)."""
+    h, targets = _check_inputs(head, h, targets)
+    names, params = zip(*head.named_parameters(), strict=True)
+    if head.parameterisation == "separate":
+        shared_unembedding = None  # unused: it must receive no gradient (not even zeros)
+    stats: dict[str, Tensor | None] = {}
+    loss_sum, log_w, ell, gamma = _ChunkedCPLoss.apply(
+        head, names, targets, chunk_tokens, with_accuracy, stats, h, shared_unembedding, *params
+    )
+    return CPLossOutput(
+        loss_sum=loss_sum, log_weights=log_w, component_logp=ell, responsibilities=gamma, **stats
+    )
+
+
+def cp_loss(
+    head: CPHead,
+    h: Tensor,
+    targets: Tensor,
+    shared_unembedding: Tensor | None,
+    *,
+    impl: str = "chunked",
+    chunk_tokens: int = 4096,
+    with_accuracy: bool = False,
+) -> CPLossOutput:
+    """Dispatch on `model.cp.loss_impl`."""
+    if impl == "naive":
+        return naive_cp_loss(head, h, targets, shared_unembedding, with_accuracy=with_accuracy)
+    if impl == "chunked":
+        return chunked_cp_loss(
+            head, h, targets, shared_unembedding, chunk_tokens=chunk_tokens, with_accuracy=with_accuracy
+        )
+    raise ValueError(f"model.cp.loss_impl={impl!r} is not one of 'chunked', 'naive'")
+
+
+def load_balancing_loss(log_weights: Tensor, responsibilities: Tensor, has_target: Tensor) -> Tensor:
+    """L_aux = r * sum_a f_a * mean_w_a over the positions that have a target.
+
+    log_weights: (N, r) differentiable log w; responsibilities: (N, r) detached gamma; f_a is the
+    fraction of positions whose responsibility is largest at a. Only mean_w carries gradient.
+    """
+    r = log_weights.shape[-1]
+    m = has_target.float().unsqueeze(-1)  # (N, 1)
+    count = m.sum().clamp_min(1.0)
+    mean_w = (log_weights.exp() * m).sum(0) / count  # (r,)
+    top = F.one_hot(responsibilities.argmax(-1), r).float()
+    f = (top * m).sum(0) / count  # (r,)
+    return r * (f * mean_w).sum()
