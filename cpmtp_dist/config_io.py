@@ -1,0 +1,546 @@
+"""Loading, checking and saving the typed configuration of :mod:`cpmtp_dist.config`.
+
+Precedence is defaults < YAML file < dotted overrides (``model.cp.rank=8``). Loading only
+resolves keys and types; :func:`validate_config` checks the values against each other and
+against the launch (world size, CUDA), because those facts are only known at run time.
+
+Both stages collect every problem they find and raise a single :class:`ConfigError`, so a user
+fixes a config in one round instead of one error per run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from functools import reduce
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+import yaml
+
+from cpmtp_dist.config import Config
+
+__all__ = ["ConfigError", "config_to_dict", "load_config", "save_config", "validate_config"]
+
+
+class ConfigError(ValueError):
+    """One or more configuration problems; the message lists each on its own line.
+
+    ``problems`` holds the individual messages, each naming the dotted setting, its value and
+    what to change.
+    """
+
+    def __init__(self, problems: Sequence[str], header: str = "Invalid configuration") -> None:
+        self.problems: list[str] = list(problems)
+        count = len(self.problems)
+        lines = [f"{header} ({count} problem{'' if count == 1 else 's'}):"]
+        lines += [f"  - {problem}" for problem in self.problems]
+        super().__init__("\n".join(lines))
+
+
+# ---------------------------------------------------------------------------------------------
+# Type introspection
+# ---------------------------------------------------------------------------------------------
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    """Resolved field types of a config dataclass, in declaration order.
+
+    ``config.py`` uses ``from __future__ import annotations``, so the raw annotations are strings
+    and must be evaluated by ``get_type_hints``.
+    """
+    hints = get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _is_section(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _split_optional(tp: Any) -> tuple[bool, Any]:
+    """``X | None`` -> (True, X); anything else -> (False, tp)."""
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) != 1 or len(args) != 2:
+            raise TypeError(f"unsupported config field type {tp!r}: only `X | None` unions are supported")
+        return True, inner[0]
+    return False, tp
+
+
+def _fmt(value: Any) -> str:
+    """A value as it would be written in an override (strings quoted so '' and '8' are visible)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _describe(tp: Any) -> str:
+    optional, inner = _split_optional(tp)
+    if get_origin(inner) is Literal:
+        text = "one of " + ", ".join(_fmt(a) for a in get_args(inner))
+    else:
+        text = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}.get(
+            inner, getattr(inner, "__name__", repr(inner))
+        )
+    return f"{text} or null" if optional else text
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    """Strict check of an already-built value (no conversion): what `validate_config` accepts."""
+    optional, inner = _split_optional(tp)
+    if value is None:
+        return optional
+    if get_origin(inner) is Literal:
+        # Compare types too: `True == 1`, so a bool must not pass for Literal[0, 1].
+        return any(type(value) is type(a) and value == a for a in get_args(inner))
+    if inner is bool:
+        return isinstance(value, bool)
+    if inner is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if inner is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if inner is str:
+        return isinstance(value, str)
+    raise TypeError(f"unsupported config field type {tp!r}")
+
+
+def _convert(value: Any, tp: Any, raw: str | None) -> Any:
+    """Best-effort conversion of a parsed YAML value towards ``tp``; `_matches` decides afterwards.
+
+    ``raw`` is the override's text before YAML parsing, used so `data.path=2024` means the string.
+    """
+    _, inner = _split_optional(tp)
+    if value is None or isinstance(value, bool):
+        return value
+    if inner is str and raw is not None and isinstance(value, (int, float)):
+        return raw
+    if inner is float:
+        if isinstance(value, int):
+            return float(value)
+        if isinstance(value, str):
+            # PyYAML follows YAML 1.1, which reads `1e-3` (no dot) as a string, not a float.
+            try:
+                return float(value.strip())
+            except ValueError:
+                return value
+    if inner is int:
+        number = value
+        if isinstance(value, str):
+            try:
+                number = float(value.strip())
+            except ValueError:
+                return value
+        # Accept integral floats such as `8e6` or `1.0e+3`, never a silently truncated 2.5.
+        if isinstance(number, float) and math.isfinite(number) and number.is_integer():
+            return int(number)
+    return value
+
+
+def _type_problem(path: str, value: Any, tp: Any) -> str:
+    _, inner = _split_optional(tp)
+    if get_origin(inner) is Literal:
+        choices = [a for a in get_args(inner)]
+        hint = ""
+        if isinstance(value, str):
+            close = difflib.get_close_matches(value, [c for c in choices if isinstance(c, str)], n=1)
+            hint = f" (did you mean {_fmt(close[0])}?)" if close else ""
+        return f"{path}={_fmt(value)} is not {_describe(tp)}{hint}: set {path} to one of these"
+    return (
+        f"{path}={_fmt(value)} ({type(value).__name__}) is not {_describe(tp)}: set {path} to {_describe(tp)}"
+    )
+
+
+def _leaf_paths(cls: type, prefix: str = "") -> list[str]:
+    paths: list[str] = []
+    for name, tp in _field_types(cls).items():
+        if _is_section(tp):
+            paths += _leaf_paths(tp, f"{prefix}{name}.")
+        else:
+            paths.append(f"{prefix}{name}")
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def _unknown_key(prefix: str, key: str, valid: list[str], source: str) -> str:
+    dotted = f"{prefix}{key}"
+    close = difflib.get_close_matches(key, valid, n=1)
+    if close:
+        hint = f" Did you mean '{prefix}{close[0]}'?"
+    else:
+        # A right name in the wrong section (`train.lr`) is a common slip: point at the right one.
+        elsewhere = [p for p in _leaf_paths(Config) if p.rsplit(".", 1)[-1] == key]
+        hint = f" Did you mean '{elsewhere[0]}'?" if elsewhere else ""
+    section = f"section '{prefix[:-1]}'" if prefix else "the top level"
+    return f"unknown setting '{dotted}' ({source}).{hint} Valid keys of {section}: {', '.join(valid)}"
+
+
+def _assign(
+    obj: Any, parts: list[str], prefix: str, value: Any, source: str, problems: list[str], raw: str | None
+) -> None:
+    """Set the dotted key ``parts`` (relative to ``obj``) to ``value``, recording any problem."""
+    fields = _field_types(type(obj))
+    key = parts[0]
+    dotted = f"{prefix}{key}"
+    if key not in fields:
+        problems.append(_unknown_key(prefix, key, list(fields), source))
+        return
+    tp = fields[key]
+    if len(parts) > 1:
+        if not _is_section(tp):
+            problems.append(f"'{dotted}' is a setting, not a section ({source}): use '{dotted}=VALUE'")
+            return
+        _assign(getattr(obj, key), parts[1:], f"{dotted}.", value, source, problems, raw)
+        return
+    if _is_section(tp):
+        if value is None:  # `train:` with nothing under it: an empty section, keep the defaults
+            return
+        if not isinstance(value, Mapping):
+            problems.append(
+                f"'{dotted}' is a section, not a setting ({source}): give a mapping of its keys "
+                f"({', '.join(_field_types(tp))}) or set one key, e.g. '{_leaf_paths(tp, f'{dotted}.')[0]}=...'"
+            )
+            return
+        for sub_key, sub_value in value.items():
+            sub_parts = str(sub_key).split(".")
+            _assign(getattr(obj, key), sub_parts, f"{dotted}.", sub_value, source, problems, None)
+        return
+    converted = _convert(value, tp, raw)
+    if _matches(converted, tp):
+        setattr(obj, key, converted)
+    else:
+        problems.append(f"{_type_problem(dotted, value, tp)} ({source})")
+
+
+def _parse_override(text: Any, problems: list[str]) -> tuple[list[str], Any, str] | None:
+    if not isinstance(text, str) or "=" not in text:
+        problems.append(
+            f"malformed override {text!r}: expected KEY=VALUE with a dotted key, e.g. 'model.cp.rank=8'"
+        )
+        return None
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        problems.append(
+            f"malformed override {text!r}: the key {key.strip()!r} must be dotted names like 'model.cp.rank'"
+        )
+        return None
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        problems.append(f"override {text!r}: cannot parse the value {raw!r} as YAML ({err}); quote it")
+        return None
+    return parts, value, raw.strip()
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
+    """Build a :class:`Config` from defaults, then the YAML file at ``path``, then ``overrides``.
+
+    Each override is ``dotted.key=value``; the value is parsed as YAML (``8``, ``1e-3``, ``true``,
+    ``null``, ``[1, 2]``) and converted to the field's type. Later overrides win over earlier ones.
+    Unknown keys, malformed overrides and values of the wrong type are all collected and raised
+    together as one :class:`ConfigError`. Cross-field checks are left to :func:`validate_config`.
+    """
+    if isinstance(overrides, str):  # a lone string would otherwise be iterated char by char
+        raise TypeError("overrides must be a sequence of 'key=value' strings, not a single string")
+    cfg = Config()
+    problems: list[str] = []
+    if path is not None:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except OSError as err:
+            raise ConfigError([f"cannot read config file {str(path)!r}: {err.strerror or err}"]) from err
+        except yaml.YAMLError as err:
+            raise ConfigError([f"config file {str(path)!r} is not valid YAML: {err}"]) from err
+        source = f"in {path}"
+        if data is None:
+            data = {}
+        if isinstance(data, Mapping):
+            for key, value in data.items():
+                _assign(cfg, str(key).split("."), "", value, source, problems, None)
+        else:
+            problems.append(
+                f"config file {str(path)!r} must be a mapping of sections ({', '.join(_field_types(Config))}), "
+                f"not {type(data).__name__}"
+            )
+    for text in overrides:
+        parsed = _parse_override(text, problems)
+        if parsed is not None:
+            parts, value, raw = parsed
+            _assign(cfg, parts, "", value, f"in override {text!r}", problems, raw)
+    if problems:
+        raise ConfigError(problems, header="Cannot load configuration")
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+# ---------------------------------------------------------------------------------------------
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """The config as nested plain dicts (sections -> settings), ready for YAML or JSON."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write ``cfg`` as YAML that :func:`load_config` reads back to an equal :class:`Config`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
+    path.write_text(
+        "# Resolved cpmtp_dist configuration (defaults < file < overrides).\n" + text, encoding="utf-8"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------
+
+# (setting, minimum, what the smallest value means or why it is needed).
+_MINIMUMS: tuple[tuple[str, int | float, str], ...] = (
+    ("model.trunk.num_layers", 1, ""),
+    ("model.trunk.hidden_size", 1, ""),
+    ("model.trunk.num_attention_heads", 1, ""),
+    ("model.trunk.ffn_hidden_size", 1, " (or null for 4 * hidden_size)"),
+    ("model.trunk.seq_length", 1, ""),
+    ("model.trunk.vocab_size", 1, ""),
+    ("model.trunk.rotary_base", 1, ""),
+    ("model.cp.horizon", 1, " (1 is plain next-token prediction)"),
+    ("model.cp.rank", 1, " (1 is a single product-of-marginals component)"),
+    ("model.cp.phi_hidden_size", 1, " (or null for hidden_size)"),
+    ("model.cp.chunk_tokens", 1, ""),
+    ("model.cp.aux_loss_weight", 0, " (0 turns the load-balancing loss off)"),
+    ("model.cp.init_noise_std", 0, ""),
+    ("parallel.tp", 1, " (1 means no tensor parallelism)"),
+    ("parallel.pp", 1, " (1 means no pipeline parallelism)"),
+    ("parallel.ep", 1, " (1 means every rank holds all components)"),
+    ("optim.warmup_steps", 0, " (0 means no warmup)"),
+    ("optim.weight_decay", 0, " (0 means no weight decay)"),
+    ("optim.grad_clip", 0, " (0 disables clipping)"),
+    ("train.steps", 1, ""),
+    ("train.global_batch_size", 1, ""),
+    ("train.micro_batch_size", 1, ""),
+    ("train.seed", 0, ""),
+    ("train.log_every", 1, ""),
+    ("train.eval_every", 0, " (0 evaluates only at the end)"),
+    ("train.eval_batches", 1, ""),
+    ("data.tokenizer_vocab_size", 1, ""),
+    ("data.max_chars", 0, " (0 means no cap)"),
+    ("checkpoint.every", 0, " (0 saves only at the end)"),
+    ("checkpoint.keep_last", 1, ""),
+)
+
+
+def _collect_type_problems(obj: Any, cls: type, prefix: str, problems: list[str], bad: set[str]) -> None:
+    for name, tp in _field_types(cls).items():
+        dotted = f"{prefix}{name}"
+        value = getattr(obj, name)
+        if _is_section(tp):
+            if isinstance(value, tp):
+                _collect_type_problems(value, tp, f"{dotted}.", problems, bad)
+            else:
+                problems.append(
+                    f"{dotted} is a {type(value).__name__}, not a {tp.__name__} section: assign a {tp.__name__}"
+                )
+                bad.add(dotted)
+        elif not _matches(value, tp):
+            problems.append(_type_problem(dotted, value, tp))
+            bad.add(dotted)
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch  # imported lazily: reading a config must not require torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def validate_config(
+    cfg: Config, world_size: int | None = None, *, cuda_available: bool | None = None
+) -> None:
+    """Check ``cfg`` (and, if given, its fit to ``world_size`` processes); raise all problems at once.
+
+    Types and ``Literal`` choices are checked too, so values assigned in Python are covered.
+    ``cuda_available`` overrides the CUDA probe used for ``train.precision='bf16'``, e.g. when a
+    login node without a GPU validates a config for a GPU job. Raises :class:`ConfigError`.
+    """
+    problems: list[str] = []
+    bad: set[str] = set()
+    _collect_type_problems(cfg, Config, "", problems, bad)
+
+    def ok(*paths: str) -> bool:
+        # Range checks on a value of the wrong type would raise or mislead; its type error suffices.
+        return not any(p == b or p.startswith(f"{b}.") for p in paths for b in bad)
+
+    def get(path: str) -> Any:
+        return reduce(getattr, path.split("."), cfg)
+
+    for path, minimum, meaning in _MINIMUMS:
+        value = get(path)
+        if ok(path) and value is not None and value < minimum:
+            what = "a positive integer" if minimum == 1 else "0 or more"
+            problems.append(f"{path}={_fmt(value)} is below {minimum}: set {path} to {what}{meaning}")
+
+    trunk, cp, par, opt, train, data = (
+        cfg.model.trunk,
+        cfg.model.cp,
+        cfg.parallel,
+        cfg.optim,
+        cfg.train,
+        cfg.data,
+    )
+
+    def positive(*paths: str) -> bool:
+        return ok(*paths) and all(get(p) is not None and get(p) >= 1 for p in paths)
+
+    # --- model -------------------------------------------------------------------------------
+    if positive("model.trunk.hidden_size", "model.trunk.num_attention_heads"):
+        if trunk.hidden_size % trunk.num_attention_heads:
+            problems.append(
+                f"model.trunk.hidden_size={trunk.hidden_size} is not divisible by model.trunk.num_attention_heads="
+                f"{trunk.num_attention_heads}: set model.trunk.hidden_size to a multiple of it (or change the heads)"
+            )
+    if ok("model.trunk.dropout") and not 0 <= trunk.dropout < 1:
+        problems.append(f"model.trunk.dropout={trunk.dropout} is outside [0, 1): set it to e.g. 0.0 or 0.1")
+    if ok("model.trunk.init_method_std") and trunk.init_method_std <= 0:
+        problems.append(f"model.trunk.init_method_std={trunk.init_method_std} must be > 0: e.g. 0.02")
+    if positive("model.cp.horizon", "model.trunk.seq_length") and cp.horizon >= trunk.seq_length:
+        problems.append(
+            f"model.cp.horizon={cp.horizon} must be smaller than model.trunk.seq_length={trunk.seq_length} "
+            "(each position needs n future tokens inside the sequence): lower model.cp.horizon or raise seq_length"
+        )
+    # model.cp.phi only matters for the `shared` parameterisation; under `separate` it is ignored.
+
+    # --- optimiser ---------------------------------------------------------------------------
+    if ok("optim.lr") and opt.lr <= 0:
+        problems.append(f"optim.lr={opt.lr} must be > 0: set optim.lr to a positive learning rate, e.g. 1e-3")
+    if ok("optim.min_lr") and opt.min_lr < 0:
+        problems.append(f"optim.min_lr={opt.min_lr} must be >= 0: set it to 0 or a small positive rate")
+    elif ok("optim.min_lr", "optim.lr") and opt.lr > 0 and opt.min_lr > opt.lr:
+        problems.append(
+            f"optim.min_lr={opt.min_lr} is larger than optim.lr={opt.lr}: the cosine decay must end at or "
+            "below the peak, so lower optim.min_lr (or raise optim.lr)"
+        )
+    for name in ("beta1", "beta2"):
+        beta = getattr(opt, name)
+        if ok(f"optim.{name}") and not 0 <= beta < 1:
+            problems.append(
+                f"optim.{name}={beta} is outside [0, 1): set it to e.g. 0.9 (beta1) or 0.95 (beta2)"
+            )
+    if ok("optim.eps") and opt.eps <= 0:
+        problems.append(f"optim.eps={opt.eps} must be > 0: e.g. 1e-8")
+
+    # --- training and data -------------------------------------------------------------------
+    if positive("train.global_batch_size", "train.micro_batch_size"):
+        if train.global_batch_size % train.micro_batch_size:
+            problems.append(
+                f"train.global_batch_size={train.global_batch_size} is not divisible by train.micro_batch_size="
+                f"{train.micro_batch_size}: set train.global_batch_size to a multiple of train.micro_batch_size"
+            )
+    if ok("train.precision") and train.precision == "bf16":
+        has_cuda = _cuda_available() if cuda_available is None else cuda_available
+        if not has_cuda:
+            problems.append(
+                "train.precision='bf16' was requested but no CUDA GPU is available: set train.precision to "
+                "'fp32' or 'auto' (auto uses bf16 on GPU and fp32 on CPU)"
+            )
+    if ok("data.heldout_fraction") and not 0 < data.heldout_fraction <= 0.5:
+        problems.append(
+            f"data.heldout_fraction={data.heldout_fraction} is outside (0, 0.5]: set it to a small fraction such as 0.02"
+        )
+    if ok("data.path") and data.path is not None and not data.path.strip():
+        problems.append(
+            "data.path='' is empty: set it to a folder of prepared shards, or null for data.corpus"
+        )
+    if (
+        positive("data.tokenizer_vocab_size", "model.trunk.vocab_size")
+        and ok("data.path")
+        and data.path is None
+        and data.tokenizer_vocab_size > trunk.vocab_size
+    ):
+        problems.append(
+            f"data.tokenizer_vocab_size={data.tokenizer_vocab_size} exceeds model.trunk.vocab_size={trunk.vocab_size}: "
+            "token ids would fall outside the embedding, so raise model.trunk.vocab_size or lower the tokenizer's"
+        )
+
+    # --- parallel layout ---------------------------------------------------------------------
+    if ok("parallel.sequence_parallel", "parallel.tp") and par.sequence_parallel and par.tp <= 1:
+        problems.append(
+            f"parallel.sequence_parallel=true needs parallel.tp > 1 (got parallel.tp={par.tp}): "
+            "set parallel.sequence_parallel to false or raise parallel.tp"
+        )
+    if positive("model.cp.rank", "parallel.ep") and cp.rank % par.ep:
+        problems.append(
+            f"model.cp.rank={cp.rank} is not divisible by parallel.ep={par.ep}: set model.cp.rank to a multiple "
+            "of parallel.ep (or change parallel.ep)"
+        )
+    for path, what in (
+        ("model.trunk.num_attention_heads", "the heads are split over tensor-parallel ranks"),
+        ("model.trunk.vocab_size", "the unembedding is split by vocabulary over tensor-parallel ranks"),
+    ):
+        if positive(path, "parallel.tp") and get(path) % par.tp:
+            problems.append(
+                f"{path}={get(path)} is not divisible by parallel.tp={par.tp} ({what}): set {path} to a "
+                "multiple of parallel.tp (or change parallel.tp)"
+            )
+    if positive("model.trunk.hidden_size", "parallel.tp") and ok("model.trunk.ffn_hidden_size"):
+        ffn = trunk.ffn_hidden_size if trunk.ffn_hidden_size is not None else 4 * trunk.hidden_size
+        if ffn >= 1 and ffn % par.tp:
+            problems.append(
+                f"the MLP width {ffn} (model.trunk.ffn_hidden_size={_fmt(trunk.ffn_hidden_size)}) is not divisible "
+                f"by parallel.tp={par.tp} (the MLP is split over tensor-parallel ranks): set "
+                "model.trunk.ffn_hidden_size to a multiple of parallel.tp (or change parallel.tp)"
+            )
+    if positive("model.trunk.num_layers", "parallel.pp") and trunk.num_layers % par.pp:
+        problems.append(
+            f"model.trunk.num_layers={trunk.num_layers} is not divisible by parallel.pp={par.pp} (each pipeline "
+            "stage holds the same number of layers): set model.trunk.num_layers to a multiple of parallel.pp "
+            "(or change parallel.pp)"
+        )
+    if (
+        ok("parallel.sequence_parallel")
+        and par.sequence_parallel
+        and positive("model.trunk.seq_length", "parallel.tp")
+        and trunk.seq_length % par.tp
+    ):
+        problems.append(
+            f"model.trunk.seq_length={trunk.seq_length} is not divisible by parallel.tp={par.tp}, which "
+            "parallel.sequence_parallel=true needs: set seq_length to a multiple of parallel.tp"
+        )
+
+    if world_size is not None:
+        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+            problems.append(f"world_size={world_size!r} must be a positive integer (the number of processes)")
+        elif positive("parallel.tp", "parallel.pp"):
+            model_parallel = par.tp * par.pp
+            if world_size % model_parallel:
+                problems.append(
+                    f"world_size={world_size} is not divisible by parallel.tp * parallel.pp = {par.tp} * {par.pp} = "
+                    f"{model_parallel}: launch a multiple of {model_parallel} processes or change parallel.tp / parallel.pp"
+                )
+            elif positive("train.global_batch_size", "train.micro_batch_size"):
+                dp = world_size // model_parallel
+                per_step = train.micro_batch_size * dp
+                if train.global_batch_size % per_step:
+                    problems.append(
+                        f"train.global_batch_size={train.global_batch_size} is not divisible by "
+                        f"train.micro_batch_size * dp = {train.micro_batch_size} * {dp} = {per_step} "
+                        f"(dp = world_size {world_size} / (tp {par.tp} * pp {par.pp})): set "
+                        f"train.global_batch_size to a multiple of {per_step} or lower train.micro_batch_size"
+                    )
+
+    if problems:
+        raise ConfigError(problems)
