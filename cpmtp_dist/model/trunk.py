@@ -1,0 +1,138 @@
+"""The causal transformer trunk: a Megatron-core ``GPTModel`` (local layer spec, RoPE, tied embeddings).
+
+The CP multi-token head consumes the trunk's final hidden states (after the final norm) and the tied
+unembedding; ``trunk_hidden`` and ``unembedding_weight`` expose exactly those. Megatron works sequence-first
+internally ([T, B, d]); everything returned here is batch-first.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import TransformerConfig
+from torch import Tensor
+
+from cpmtp_dist.config import TrunkConfig
+from cpmtp_dist.parallel.state import get_parallel_groups
+
+
+def make_transformer_config(
+    cfg: TrunkConfig, *, params_dtype: torch.dtype = torch.float32, use_cpu_initialization: bool = True
+) -> TransformerConfig:
+    """Megatron ``TransformerConfig`` for the trunk, sized for the current parallel layout."""
+    groups = get_parallel_groups()
+    return TransformerConfig(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        ffn_hidden_size=cfg.ffn_hidden_size or 4 * cfg.hidden_size,
+        normalization=cfg.normalization,
+        # GPT-style MLP (GELU, not gated) with bias-free linears, as most current LMs.
+        activation_func=F.gelu,
+        gated_linear_unit=False,
+        add_bias_linear=False,
+        hidden_dropout=cfg.dropout,
+        attention_dropout=cfg.dropout,
+        init_method_std=cfg.init_method_std,
+        # Megatron reads these sizes from the config (e.g. layers per pipeline stage), not from the groups.
+        tensor_model_parallel_size=groups.tp_size,
+        pipeline_model_parallel_size=groups.pp_size,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        attention_softmax_in_fp32=True,
+        # CPU init draws the full weight from the default generator and slices it, so the weights do not
+        # depend on the TP degree; GPU init draws each shard from the tracked model-parallel RNG.
+        use_cpu_initialization=use_cpu_initialization,
+        # The fusions need CUDA extensions or torch.compile; the plain PyTorch paths run everywhere.
+        masked_softmax_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        # "full" (megatron's default) and [] mean the same, but "full" warns on every build; no CUDA graphs here.
+        cuda_graph_scope=[],
+    )
+
+
+def build_trunk(
+    cfg: TrunkConfig,
+    *,
+    pre_process: bool = True,
+    post_process: bool = True,
+    params_dtype: torch.dtype = torch.float32,
+    use_cpu_initialization: bool = True,
+) -> GPTModel:
+    """Build the trunk on the current parallel layout (``initialize_parallel`` must have run).
+
+    ``pre_process`` / ``post_process`` select the embedding / final-norm-and-output ends (pipeline stages).
+    The weights come from the default torch generator: seed it (``initialize_parallel(seed=...)`` does) to
+    get reproducible weights.
+    """
+    config = make_transformer_config(
+        cfg, params_dtype=params_dtype, use_cpu_initialization=use_cpu_initialization
+    )
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=get_gpt_layer_local_spec(normalization=cfg.normalization),
+        vocab_size=cfg.vocab_size,
+        max_sequence_length=cfg.seq_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        # Logits stay split over the vocabulary under TP; the loss is computed vocabulary-parallel.
+        parallel_output=True,
+        share_embeddings_and_output_weights=True,
+        position_embedding_type="rope",
+        rotary_percent=1.0,
+        rotary_base=cfg.rotary_base,
+    )
+    if params_dtype != torch.float32:
+        # The local spec's torch norms ignore params_dtype; megatron's Float16Module would cast them too.
+        model.to(dtype=params_dtype)
+    return model
+
+
+def trunk_hidden(model: GPTModel, tokens: Tensor) -> Tensor:
+    """Final hidden states of the trunk (after the final norm) for ``tokens`` (B, T) int64 -> (B, T, d).
+
+    Runs megatron's own pieces in the order ``GPTModel.forward`` does, minus the output layer:
+    ``_preprocess`` (embedding [T, B, d] and the RoPE table for T positions), then ``decoder``
+    (the layers and, as ``post_process``, the final norm). Attention is causal by the layer spec
+    (``AttnMaskType.causal``): with ``attention_mask=None`` megatron builds the upper-triangular mask itself.
+    """
+    if not (model.pre_process and model.post_process):
+        # Pipeline stages: a middle/last stage takes the previous stage's hidden states via
+        # model.set_input_tensor(...) and skips the embedding; only the last stage applies the final norm.
+        raise NotImplementedError(
+            "trunk_hidden supports a single pipeline stage (pre_ and post_process) only"
+        )
+    if tokens.dim() != 2:
+        raise ValueError(f"tokens must be (B, T), got shape {tuple(tokens.shape)}")
+    batch, seq = tokens.shape
+    # RoPE ignores position ids (it rotates by position index 0..T-1); the embedding wants them anyway.
+    position_ids = torch.arange(seq, device=tokens.device).unsqueeze(0).expand(batch, seq)
+    preproc = model._preprocess(input_ids=tokens, position_ids=position_ids)
+    decoder_input, rotary_pos_emb, rotary_pos_cos, rotary_pos_sin, sequence_len_offset, padding_mask = (
+        preproc[:6]
+    )
+    hidden = model.decoder(  # [T, B, d]
+        hidden_states=decoder_input,
+        attention_mask=None,
+        rotary_pos_emb=rotary_pos_emb,
+        rotary_pos_cos=rotary_pos_cos,
+        rotary_pos_sin=rotary_pos_sin,
+        sequence_len_offset=sequence_len_offset,
+        padding_mask=padding_mask,
+    )
+    return hidden.transpose(0, 1).contiguous()  # (B, T, d)
+
+
+def unembedding_weight(model: GPTModel) -> Tensor:
+    """The tied (V_local, d) unembedding, V_local = V / tp: the word embedding on the first stage."""
+    weight = model.shared_embedding_or_output_weight()
+    if weight is None:
+        raise ValueError("this pipeline stage holds neither the embedding nor the output layer")
+    return weight
