@@ -45,6 +45,7 @@ class CPLossOutput:
     head_nll_sum: Tensor  # (n,) sum over positions of -log sum_a w_a P_a^(s)(x_{t+s})
     head_count: Tensor  # (n,) positions whose target s exists
     head_correct: Tensor | None  # (n,) argmax of the s-th marginal == target (when asked for)
+    aux_loss: Tensor | None = None  # () differentiable L_aux, when the caller asks for it
 
 
 def _finish(log_w: Tensor, target_logp: Tensor, valid: Tensor) -> tuple[Tensor, ...]:

@@ -1,0 +1,61 @@
+"""Loading a checkpoint into one process and generating from the next-token marginal."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cpmtp_dist.config import Config
+from cpmtp_dist.config_io import load_config
+from cpmtp_dist.data.tokenizer import Tokenizer, load_tokenizer
+from cpmtp_dist.model.cp_model import CPModel
+from cpmtp_dist.parallel.state import initialize_parallel
+from cpmtp_dist.training.checkpoint import latest_checkpoint
+
+
+@dataclass
+class LoadedModel:
+    model: CPModel
+    tokenizer: Tokenizer
+    config: Config
+    checkpoint: Path
+
+
+def load_for_inference(path: Path, device: torch.device | None = None) -> LoadedModel:
+    """Load a checkpoint folder (or a run's `checkpoints/` folder, taking the newest) into one process."""
+    ckpt = latest_checkpoint(Path(path))
+    if ckpt is None:
+        raise FileNotFoundError(f"{path} holds no complete checkpoint (a folder with meta.json and model.pt)")
+    cfg = load_config(ckpt / "config.yaml")
+    initialize_parallel(1, 1, 1, seed=cfg.train.seed)
+    device = device or torch.device("cpu")
+    model = CPModel(cfg.model).to(device)
+    model.load_state_dict(torch.load(ckpt / "model.pt", map_location=device, weights_only=True))
+    model.eval()
+    return LoadedModel(model, load_tokenizer(ckpt / "tokenizer"), cfg, ckpt)
+
+
+@torch.no_grad()
+def generate_greedy(
+    model: CPModel, prompt: list[int], max_new_tokens: int, eos_id: int | None = None
+) -> list[int]:
+    """Greedy decoding from the next-token marginal sum_a w_a P_a^(1), one trunk pass per token.
+
+    The context is cut to the trunk's trained sequence length. Returns the new tokens only.
+    """
+    if not prompt:
+        raise ValueError("the prompt encodes to no tokens: give a non-empty prompt")
+    device = next(model.parameters()).device
+    seq_len = model.cfg.trunk.seq_length
+    ids = list(prompt)
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        ctx = torch.tensor([ids[-seq_len:]], device=device)
+        nxt = int(model.next_token_log_probs(ctx).argmax(-1))
+        if eos_id is not None and nxt == eos_id:
+            break
+        ids.append(nxt)
+        out.append(nxt)
+    return out

@@ -1,0 +1,112 @@
+"""Optimizer, learning-rate schedule and the DeepSpeed engine around the model.
+
+Note: DeepSpeed owns gradient accumulation, ZeRO sharding of optimizer states (and gradients at
+stage 2) and clipping. Three of its defaults would silently change the numerics, so they are set
+explicitly here: `gradient_clipping` (DeepSpeed's default is 1.0, ours comes from `optim.grad_clip`),
+the optimizer (a client `torch.optim.AdamW`: DeepSpeed's own `AdamW` JIT-compiles a fused kernel),
+and the loss scaling of `engine.backward` (the trainer normalises the loss itself, so it calls
+`backward(loss, scale_wrt_gas=False)`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from cpmtp_dist.config import OptimConfig
+
+
+def build_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices; never decay biases, norms and other 1-D parameters."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def lr_multiplier(step: int, cfg: OptimConfig, total_steps: int) -> float:
+    """Linear warmup to 1 over `warmup_steps`, then cosine decay to min_lr / lr at `total_steps`."""
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    floor = cfg.min_lr / cfg.lr
+    span = max(1, total_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(
+    model: nn.Module, cfg: OptimConfig, total_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    opt = torch.optim.AdamW(
+        build_param_groups(model, cfg.weight_decay),
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, cfg, total_steps))
+    return opt, sched
+
+
+def deepspeed_config(
+    cfg: OptimConfig, *, micro_batch_size: int, grad_accum: int, dp: int, bf16: bool
+) -> dict[str, Any]:
+    """The DeepSpeed config dict; every setting that affects numerics is explicit."""
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch_size * grad_accum * dp,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "bf16": {"enabled": bf16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**12,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_engine(
+    model: nn.Module,
+    cfg: OptimConfig,
+    *,
+    total_steps: int,
+    micro_batch_size: int,
+    grad_accum: int,
+    dp: int,
+    bf16: bool,
+    dp_group: Any = None,
+) -> Any:
+    """Wrap `model` in a DeepSpeed engine with AdamW and the warmup-cosine schedule."""
+    import deepspeed  # heavy import; only the trainer needs it
+
+    maybe_skip_deepspeed_cpu_ops()
+    # DeepSpeed insists on LOCAL_RANK even when torch.distributed is already up (a single process
+    # started without a launcher has none).
+    os.environ.setdefault("LOCAL_RANK", "0")
+    opt, sched = build_optimizer(model, cfg, total_steps)
+    ds_cfg = deepspeed_config(cfg, micro_batch_size=micro_batch_size, grad_accum=grad_accum, dp=dp, bf16=bf16)
+    kwargs = {"mpu": None}
+    if dp_group is not None:
+        kwargs["dist_init_required"] = False
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=opt, lr_scheduler=sched, config=ds_cfg, **kwargs
+    )
+    return engine
+
+
+def maybe_skip_deepspeed_cpu_ops() -> None:
+    """On CPU, keep DeepSpeed from JIT-compiling its shared-memory collective (~90 s of g++ per
+    fresh machine); gloo does the communication. Reading `__compatible_ops__` would start its
+    probe of every op, so the entry is set in the module's namespace directly."""
+    if torch.cuda.is_available():
+        return
+    import deepspeed.ops
+
+    vars(deepspeed.ops).setdefault("__compatible_ops__", {})["deepspeed_shm_comm"] = False

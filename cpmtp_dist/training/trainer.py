@@ -1,0 +1,309 @@
+"""The trainer: `train()` -> `train_step()` -> `forward_backward()`.
+
+Note: loss normalisation. SPEC.md asks for the sum of L_t divided by the *global* number of positions
+that have at least one target, over all micro-batches and data-parallel ranks, so that accumulation
+and data parallelism give the gradient of one big batch. `train_step` therefore counts those positions
+for the whole step first (one all-reduce over dp), and each micro-batch back-propagates
+`loss_sum * dp / count`: DeepSpeed averages gradients over dp ranks, which the factor dp undoes.
+The auxiliary balancing loss is a per-micro-batch statistic and is averaged over micro-batches.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from cpmtp_dist.config import Config
+from cpmtp_dist.config_io import config_to_dict
+from cpmtp_dist.data.builtin import BuiltinData, build_builtin_data
+from cpmtp_dist.data.loader import PackedSequenceLoader, eval_batches, make_targets
+from cpmtp_dist.model.cp_head import IGNORE_INDEX
+from cpmtp_dist.model.cp_loss import CPLossOutput
+from cpmtp_dist.model.cp_model import CPModel
+from cpmtp_dist.parallel.state import ParallelGroups, initialize_parallel
+from cpmtp_dist.training.checkpoint import save_checkpoint
+from cpmtp_dist.training.metrics import MetricsLogger, entropy, model_flops_per_token, peak_flops
+from cpmtp_dist.training.optim import build_engine
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    final_step: int
+    final_metrics: dict[str, Any]
+    eval_metrics: dict[str, float]
+    checkpoint: Path | None
+
+
+def resolve_precision(cfg: Config) -> tuple[torch.device, torch.dtype]:
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    precision = cfg.train.precision
+    if precision == "auto":
+        precision = "bf16" if cuda else "fp32"
+    return device, torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def build_model(cfg: Config, params_dtype: torch.dtype, device: torch.device) -> CPModel:
+    """The trunk + CP head, with weights fixed by `train.seed`."""
+    torch.manual_seed(cfg.train.seed)
+    return CPModel(cfg.model, params_dtype=params_dtype).to(device)
+
+
+def build_data(cfg: Config) -> BuiltinData:
+    if cfg.data.path is not None:
+        raise NotImplementedError(
+            f"data.path={cfg.data.path!r}: reading prepared shards is not available yet; "
+            "leave data.path unset to train on the built-in corpus"
+        )
+    data = build_builtin_data(cfg.data)
+    if data.tokenizer.vocab_size > cfg.model.trunk.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {data.tokenizer.vocab_size} tokens but model.trunk.vocab_size="
+            f"{cfg.model.trunk.vocab_size}: raise model.trunk.vocab_size or lower data.tokenizer_vocab_size"
+        )
+    return data
+
+
+# --------------------------------------------------------------------------------------------------
+def forward_backward(
+    engine: Any,
+    tokens: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    scale: float,
+    aux_weight: float,
+    with_accuracy: bool,
+) -> tuple[CPLossOutput, torch.Tensor]:
+    """One micro-batch: forward, normalised loss, backward. Returns the loss output and L_aux."""
+    out: CPLossOutput = engine(tokens, targets, with_accuracy=with_accuracy)
+    loss = out.loss_sum * scale
+    aux = torch.zeros((), device=tokens.device)
+    if out.aux_loss is not None:
+        aux = out.aux_loss
+        loss = loss + aux_weight * aux / engine.gradient_accumulation_steps()
+    engine.backward(loss, scale_wrt_gas=False)
+    return out, aux.detach()
+
+
+def train_step(
+    engine: Any,
+    micro_batches: list[torch.Tensor],
+    cfg: Config,
+    groups: ParallelGroups,
+    *,
+    with_accuracy: bool,
+) -> dict[str, Any]:
+    """One optimizer step over this rank's micro-batches; returns the step's metrics (global)."""
+    n = cfg.model.cp.horizon
+    device = next(engine.module.parameters()).device
+    pairs = [make_targets(mb.to(device), n, IGNORE_INDEX) for mb in micro_batches]
+    count = torch.stack([(tg != IGNORE_INDEX).any(-1).sum() for _, tg in pairs]).sum().float()
+    if groups.dp_size > 1:
+        dist.all_reduce(count, group=groups.dp_group)
+    scale = groups.dp_size / count.item()
+    sums = _StatSums(n, cfg.model.cp.rank, device)
+    local_norm = None
+    for i, (tokens, targets) in enumerate(pairs):
+        out, aux = forward_backward(
+            engine,
+            tokens,
+            targets,
+            scale=scale,
+            aux_weight=cfg.model.cp.aux_loss_weight,
+            with_accuracy=with_accuracy,
+        )
+        sums.add(out, aux)
+        if i == len(pairs) - 1 and engine.zero_optimization_stage() == 0 and with_accuracy:
+            # Without ZeRO, DeepSpeed clips but does not keep the norm: measure it before the step.
+            grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+            local_norm = float(torch.nn.utils.get_total_norm(grads))
+        engine.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
+    norm = engine.get_global_grad_norm() if local_norm is None else local_norm
+    return sums.reduce(groups, num_micro=len(pairs)) | {
+        "grad_norm": float("nan") if norm is None else float(norm)
+    }
+
+
+@torch.no_grad()
+def evaluate(
+    model: CPModel, batches: list[torch.Tensor], cfg: Config, groups: ParallelGroups
+) -> dict[str, float]:
+    """Held-out joint loss, next-token loss and perplexity, per-head accuracy."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    sums = _StatSums(cfg.model.cp.horizon, cfg.model.cp.rank, device)
+    for mb in batches:
+        tokens, targets = make_targets(mb.to(device), cfg.model.cp.horizon, IGNORE_INDEX)
+        sums.add(model(tokens, targets, with_accuracy=True), torch.zeros((), device=device))
+    model.train(was_training)
+    stats = sums.reduce(groups, num_micro=len(batches))
+    keys = ["joint_loss", "ntp_loss"] + [f"acc_head_{s + 1}" for s in range(cfg.model.cp.horizon)]
+    out = {f"eval_{k}": stats[k] for k in keys}
+    out["eval_ntp_ppl"] = math.exp(min(stats["ntp_loss"], 50.0))
+    return out
+
+
+class _StatSums:
+    """Sums of the loss statistics over micro-batches, all-reduced over dp when read."""
+
+    def __init__(self, n: int, r: int, device: torch.device) -> None:
+        z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=device)  # noqa: E731
+        self.loss, self.positions, self.aux = z(()), z(()), z(())
+        self.head_nll, self.head_count, self.head_correct, self.usage = z(n), z(n), z(n), z(r)
+
+    def add(self, out: CPLossOutput, aux: torch.Tensor) -> None:
+        self.loss += out.loss_sum.detach().double()
+        self.positions += out.num_positions.double()
+        self.aux += aux.double()
+        self.head_nll += out.head_nll_sum.double()
+        self.head_count += out.head_count.double()
+        if out.head_correct is not None:
+            self.head_correct += out.head_correct.double()
+        self.usage += out.responsibilities.sum(0).double()
+
+    def reduce(self, groups: ParallelGroups, *, num_micro: int) -> dict[str, Any]:
+        flat = torch.cat([t.reshape(-1) for t in self._tensors()])
+        if groups.dp_size > 1:
+            dist.all_reduce(flat, group=groups.dp_group)
+        loss, positions, aux, *rest = flat.tolist()
+        n, r = len(self.head_nll), len(self.usage)
+        head_nll, head_count = rest[:n], rest[n : 2 * n]
+        head_correct, usage = rest[2 * n : 3 * n], rest[3 * n : 3 * n + r]
+        usage_t = torch.tensor(usage) / max(positions, 1.0)
+        joint = loss / max(positions, 1.0)
+        aux_mean = aux / (num_micro * groups.dp_size)
+        metrics: dict[str, Any] = {
+            "joint_loss": joint,
+            "ntp_loss": head_nll[0] / max(head_count[0], 1.0),
+            "aux_loss": aux_mean,
+            "expert_usage": [round(u, 5) for u in usage_t.tolist()],
+            "expert_usage_entropy": entropy(usage_t),
+        }
+        for s in range(n):
+            metrics[f"head_loss_{s + 1}"] = head_nll[s] / max(head_count[s], 1.0)
+            metrics[f"acc_head_{s + 1}"] = head_correct[s] / max(head_count[s], 1.0)
+        return metrics
+
+    def _tensors(self) -> list[torch.Tensor]:
+        return [
+            self.loss,
+            self.positions,
+            self.aux,
+            self.head_nll,
+            self.head_count,
+            self.head_correct,
+            self.usage,
+        ]
+
+
+# --------------------------------------------------------------------------------------------------
+def train(cfg: Config, run_dir: Path) -> TrainResult:
+    """Train `cfg` and write the run directory (config, metrics, checkpoints)."""
+    groups = initialize_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep, seed=cfg.train.seed)
+    if (groups.tp_size, groups.pp_size, groups.ep_size) != (1, 1, 1):
+        raise NotImplementedError("tensor, pipeline and expert parallelism are not available yet")
+    is_logger = groups.rank == 0
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_yaml = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    if is_logger:
+        (run_dir / "config.yaml").write_text(config_yaml)
+
+    device, dtype = resolve_precision(cfg)
+    data = build_data(cfg)
+    t = cfg.train
+    grad_accum = t.global_batch_size // (t.micro_batch_size * groups.dp_size)
+    loader = PackedSequenceLoader(
+        data.train_stream,
+        cfg.model.trunk.seq_length,
+        t.micro_batch_size,
+        t.global_batch_size,
+        seed=t.seed,
+        dp_rank=groups.dp_rank,
+        dp_size=groups.dp_size,
+    )
+    valid = eval_batches(
+        data.valid_stream,
+        cfg.model.trunk.seq_length,
+        t.micro_batch_size,
+        t.eval_batches * groups.dp_size,
+        dp_rank=groups.dp_rank,
+        dp_size=groups.dp_size,
+    )
+    model = build_model(cfg, dtype, device)
+    engine = build_engine(
+        model,
+        cfg.optim,
+        total_steps=t.steps,
+        micro_batch_size=t.micro_batch_size,
+        grad_accum=grad_accum,
+        dp=groups.dp_size,
+        bf16=dtype == torch.bfloat16,
+    )
+    logger = MetricsLogger(run_dir, enabled=is_logger, total_steps=t.steps)
+    tokens_per_step = t.global_batch_size * cfg.model.trunk.seq_length
+    flops_per_token, peak = model_flops_per_token(cfg.model), peak_flops(device)
+    if is_logger:
+        n_params = sum(p.numel() for p in model.parameters())
+        print(
+            f"model: {n_params / 1e6:.2f}M parameters, n={cfg.model.cp.horizon} r={cfg.model.cp.rank} "
+            f"({cfg.model.cp.parameterisation}); data: {len(data.train_stream):,} training tokens, "
+            f"vocab {data.tokenizer.vocab_size}; {t.steps} steps of {tokens_per_step:,} tokens on {device}, "
+            f"dp={groups.dp_size}, accumulation {grad_accum}",
+            flush=True,
+        )
+
+    def checkpoint(step: int) -> Path:
+        return save_checkpoint(
+            run_dir / "checkpoints",
+            step,
+            model_state=model.state_dict(),
+            meta={"tokens_seen": step * tokens_per_step, "loader": loader.state_dict()},
+            config_yaml=config_yaml,
+            tokenizer_dir=data.tokenizer_dir,
+            engine=engine,
+            keep_last=cfg.checkpoint.keep_last,
+        )
+
+    metrics: dict[str, Any] = {}
+    eval_metrics: dict[str, float] = {}
+    last_ckpt = None
+    tic = time.perf_counter()
+    for step in range(1, t.steps + 1):
+        log_now = step % t.log_every == 0 or step == t.steps
+        metrics = train_step(engine, loader.next_step(), cfg, groups, with_accuracy=log_now)
+        if log_now:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - tic
+            steps_done = t.log_every if step % t.log_every == 0 else step % t.log_every
+            tps = tokens_per_step * steps_done / elapsed
+            metrics |= {
+                "loss": metrics["joint_loss"] + cfg.model.cp.aux_loss_weight * metrics["aux_loss"],
+                "lr": engine.get_lr()[0],
+                "tokens_per_s": tps,
+                "tokens_seen": step * tokens_per_step,
+            }
+            if peak is not None:
+                metrics["mfu"] = tps * flops_per_token / (peak * groups.world_size)
+                metrics["max_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            logger.log(step, metrics)
+            tic = time.perf_counter()
+        if t.eval_every and step % t.eval_every == 0 and step != t.steps:
+            logger.log(step, evaluate(model, valid, cfg, groups))
+        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+            last_ckpt = checkpoint(step)
+    eval_metrics = evaluate(model, valid, cfg, groups)
+    logger.log(t.steps, eval_metrics)
+    if last_ckpt is None or not last_ckpt.name.endswith(f"{t.steps:07d}"):
+        last_ckpt = checkpoint(t.steps)
+    logger.close()
+    return TrainResult(run_dir, t.steps, metrics, eval_metrics, last_ckpt)
