@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 
@@ -78,7 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def quiet_known_warnings() -> None:
+    """megatron-core warns at import that optional GPU libraries (Apex, TransformerEngine) are absent and
+    that arguments it will require later are missing; none of it is actionable by our users."""
+    warnings.filterwarnings("ignore", message=r".*(Transformer Engine|TransformerEngine|Apex) .*not installed")
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"megatron\.")
+    warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*(tp_group|ffn_hidden_size)")
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_known_warnings()
     args = build_parser().parse_args(argv)
     return args.fn(args)
 
