@@ -82,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
 def quiet_known_warnings() -> None:
     """megatron-core warns at import that optional GPU libraries (Apex, TransformerEngine) are absent and
     that arguments it will require later are missing; none of it is actionable by our users."""
-    warnings.filterwarnings("ignore", message=r".*(Transformer Engine|TransformerEngine|Apex) .*not installed")
+    warnings.filterwarnings(
+        "ignore", message=r".*(Transformer Engine|TransformerEngine|Apex) .*not installed"
+    )
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"megatron\.")
     warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*(tp_group|ffn_hidden_size)")
 
