@@ -39,7 +39,7 @@ SMALL = [
 
 def run(tmp_path: Path, name: str, *overrides: str) -> tuple[list[dict], dict[str, torch.Tensor]]:
     cfg = load_config("configs/tiny.yaml", [*SMALL, *overrides])
-    validate_config(cfg, world_size=1)
+    validate_config(cfg, world_size=1, cuda_available=True)  # bf16 runs on CPU here, only slowly
     result = train(cfg, tmp_path / name)
     rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
     state = torch.load(result.checkpoint / "model.pt", weights_only=True)
@@ -57,6 +57,9 @@ def runs(tmp_path_factory):
         "accum": run(tmp, "accum", "train.micro_batch_size=2"),
         "zero1": run(tmp, "zero1", "train.micro_batch_size=4", "optim.zero_stage=1"),
         "zero2": run(tmp, "zero2", "train.micro_batch_size=4", "optim.zero_stage=2"),
+        # The GPU path's numerics (bf16 trunk and head, fp32 loss math, DeepSpeed's bf16 optimizer) run on
+        # CPU too; the CLI refuses bf16 without CUDA only because it is slow there.
+        "bf16": run(tmp, "bf16", "train.micro_batch_size=4", "train.precision=bf16"),
     }
     mp.undo()
     return out
@@ -78,6 +81,16 @@ def test_same_losses_and_weights_as_one_big_batch(runs, other):
     for k, v in ref_state.items():
         if torch.is_tensor(v) and v.is_floating_point():
             torch.testing.assert_close(state[k], v, rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+
+
+@pytest.mark.slow
+def test_bf16_tracks_fp32(runs):
+    ref_rows, _ = runs["one_batch"]
+    rows, state = runs["bf16"]
+    assert state["head.phi_w1"].dtype == torch.bfloat16
+    for a, b in zip(rows, ref_rows, strict=True):
+        assert a["joint_loss"] == pytest.approx(b["joint_loss"], rel=2e-3)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=5e-2)
 
 
 @pytest.mark.slow
