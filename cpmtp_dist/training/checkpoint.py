@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,17 +38,29 @@ def save_checkpoint(
     tokenizer_dir: Path | None,
     engine: Any = None,
     keep_last: int = 0,
+    is_writer: bool = True,
+    barrier: Callable[[], None] = lambda: None,
 ) -> Path:
-    """Write checkpoint `step` under `root` and return its folder. Collective when `engine` is given
-    (DeepSpeed saves from every rank); files outside `engine/` are written by the caller's rank 0."""
-    root.mkdir(parents=True, exist_ok=True)
+    """Write checkpoint `step` under `root` and return its folder.
+
+    Collective: every rank calls it (DeepSpeed saves its optimizer shards from every rank into
+    `engine/`); the rank with `is_writer` creates the folder and writes everything else. `barrier`
+    synchronises the ranks (a no-op in one process). `root` must be on a filesystem all ranks share.
+    """
     final = root / checkpoint_name(step)
     tmp = root / (final.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    if is_writer:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    barrier()
     if engine is not None:
         engine.save_checkpoint(str(tmp / "engine"), tag="state", save_latest=False)
+    barrier()
+    if not is_writer:
+        barrier()
+        return final
     torch.save(model_state, tmp / "model.pt")
     (tmp / "config.yaml").write_text(config_yaml)
     if tokenizer_dir is not None:
@@ -59,6 +72,7 @@ def save_checkpoint(
     _write_atomic(root / "latest", final.name)
     if keep_last > 0:
         _prune(root, keep_last)
+    barrier()
     return final
 
 

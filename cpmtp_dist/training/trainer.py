@@ -234,7 +234,7 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
         data.valid_stream,
         cfg.model.trunk.seq_length,
         t.micro_batch_size,
-        t.eval_batches * groups.dp_size,
+        t.eval_batches,  # the same held-out set whatever the layout, shared out over dp ranks
         dp_rank=groups.dp_rank,
         dp_size=groups.dp_size,
     )
@@ -271,6 +271,8 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
             tokenizer_dir=data.tokenizer_dir,
             engine=engine,
             keep_last=cfg.checkpoint.keep_last,
+            is_writer=groups.rank == 0,
+            barrier=dist.barrier,
         )
 
     metrics: dict[str, Any] = {}
