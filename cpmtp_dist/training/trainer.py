@@ -205,6 +205,17 @@ class _StatSums:
         ]
 
 
+def optimizer_state_bytes(engine: Any) -> int:
+    """Bytes of optimizer state (Adam moments) held by this rank; under ZeRO-1/2 DeepSpeed hands the
+    torch optimizer only this rank's partition of the flattened parameters."""
+    opt = engine.optimizer
+    base = getattr(opt, "optimizer", opt)  # DeepSpeed's ZeRO wrapper holds the torch optimizer
+    total = sum(
+        v.numel() * v.element_size() for st in base.state.values() for v in st.values() if torch.is_tensor(v)
+    )
+    return int(total)
+
+
 # --------------------------------------------------------------------------------------------------
 def train(cfg: Config, run_dir: Path) -> TrainResult:
     """Train `cfg` and write the run directory (config, metrics, checkpoints)."""
@@ -294,6 +305,8 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
                 "tokens_per_s": tps,
                 "tokens_seen": step * tokens_per_step,
             }
+            if step == t.log_every or step == t.steps:
+                metrics["optim_state_mib_rank0"] = optimizer_state_bytes(engine) / 2**20
             if peak is not None:
                 metrics["mfu"] = tps * flops_per_token / (peak * groups.world_size)
                 metrics["max_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30

@@ -1,0 +1,106 @@
+"""Parallel layouts under torchrun (CPU, gloo) train the same model as one process.
+
+One launch per layout; each run logs every step, so the whole loss trajectory is compared, and the final
+weights are compared from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 5
+SMALL = [
+    "model.trunk.num_layers=2",
+    "model.trunk.hidden_size=32",
+    "model.trunk.num_attention_heads=4",
+    "model.trunk.seq_length=32",
+    "model.trunk.vocab_size=512",
+    "model.cp.horizon=3",
+    "model.cp.rank=2",
+    "data.tokenizer_vocab_size=512",
+    "data.max_chars=300000",
+    f"train.steps={STEPS}",
+    "train.global_batch_size=8",
+    "train.micro_batch_size=2",
+    "train.log_every=1",
+    "train.eval_batches=2",
+    "optim.eps=1e-5",  # see tests/test_trainer.py: keeps Adam from amplifying rounding noise
+    "checkpoint.every=0",
+]
+
+LAYOUTS = {
+    "dp2_zero1": (2, ["optim.zero_stage=1"]),
+    "dp2_zero2": (2, ["optim.zero_stage=2"]),
+}
+
+
+def launch(run_dir: Path, nproc: int, overrides: list[str], cache: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CPMTP_CACHE_DIR": str(cache), "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    args = ["train", "--config", "configs/tiny.yaml", "--run-dir", str(run_dir), *SMALL, *overrides]
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "launchers.cli", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+        cmd += ["-m", "launchers.cli", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+def read_run(run_dir: Path) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    state = torch.load(run_dir / "checkpoints" / f"step_{STEPS:07d}" / "model.pt", weights_only=True)
+    return rows, state
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("layouts")
+    res = launch(tmp / "single", 1, [], tmp / "cache")
+    assert res.returncode == 0, res.stderr[-3000:]
+    return tmp, read_run(tmp / "single")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_layout_matches_one_process(reference, name):
+    tmp, (ref_rows, ref_state) = reference
+    nproc, overrides = LAYOUTS[name]
+    res = launch(tmp / name, nproc, overrides, tmp / "cache")
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows, state = read_run(tmp / name)
+    train_rows = [r for r in rows if "loss" in r]
+    ref_train = [r for r in ref_rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == list(range(1, STEPS + 1))
+    for a, b in zip(train_rows, ref_train, strict=True):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5, (name, a["step"], a["loss"], b["loss"])
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    ev, ref_ev = rows[-1], ref_rows[-1]
+    assert abs(ev["eval_joint_loss"] - ref_ev["eval_joint_loss"]) <= 1e-5
+    assert state.keys() == ref_state.keys()
+    for k, v in ref_state.items():
+        if torch.is_tensor(v) and v.is_floating_point():
+            torch.testing.assert_close(
+                state[k], v, rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{name} {k}: {m}"
+            )
+
+
+@pytest.mark.slow
+def test_zero1_halves_optimizer_state_per_rank(reference):
+    tmp, (ref_rows, _) = reference
+    run_dir = tmp / "dp2_zero1"
+    if not (run_dir / "metrics.jsonl").exists():
+        res = launch(run_dir, 2, LAYOUTS["dp2_zero1"][1], tmp / "cache")
+        assert res.returncode == 0, res.stderr[-3000:]
+    rows, _ = read_run(run_dir)
+    single = ref_rows[0]["optim_state_mib_rank0"]
+    sharded = rows[0]["optim_state_mib_rank0"]
+    ratio = sharded / single
+    print(f"optimizer state per rank, dp=2 ZeRO-1 / dp=1: {sharded:.4f} / {single:.4f} MiB = {ratio:.3f}")
+    assert 0.45 <= ratio <= 0.55, ratio
