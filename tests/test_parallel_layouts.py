@@ -36,9 +36,13 @@ SMALL = [
     "checkpoint.every=0",
 ]
 
+SEPARATE = ["model.cp.parameterisation=separate"]
+# name: (processes, layout settings, model settings: the single-process reference runs with these)
 LAYOUTS = {
-    "dp2_zero1": (2, ["optim.zero_stage=1"]),
-    "dp2_zero2": (2, ["optim.zero_stage=2"]),
+    "tp2": (2, ["parallel.tp=2"], []),
+    "tp2_separate": (2, ["parallel.tp=2"], SEPARATE),
+    "dp2_zero1": (2, ["optim.zero_stage=1"], []),
+    "dp2_zero2": (2, ["optim.zero_stage=2"], []),
 }
 
 
@@ -60,21 +64,35 @@ def read_run(run_dir: Path) -> tuple[list[dict], dict[str, torch.Tensor]]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("layouts")
-    res = launch(tmp / "single", 1, [], tmp / "cache")
-    assert res.returncode == 0, res.stderr[-3000:]
-    return tmp, read_run(tmp / "single")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("layouts")
+
+
+@pytest.fixture(scope="module")
+def reference(workdir):
+    """The single-process run of a model variant, run once per variant."""
+    done: dict[tuple[str, ...], tuple[list[dict], dict[str, torch.Tensor]]] = {}
+
+    def get(model: list[str]) -> tuple[list[dict], dict[str, torch.Tensor]]:
+        key = tuple(model)
+        if key not in done:
+            run_dir = workdir / ("single_" + "_".join(m.split("=")[1] for m in model))
+            res = launch(run_dir, 1, model, workdir / "cache")
+            assert res.returncode == 0, res.stderr[-3000:]
+            done[key] = read_run(run_dir)
+        return done[key]
+
+    return get
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_layout_matches_one_process(reference, name):
-    tmp, (ref_rows, ref_state) = reference
-    nproc, overrides = LAYOUTS[name]
-    res = launch(tmp / name, nproc, overrides, tmp / "cache")
+def test_layout_matches_one_process(workdir, reference, name):
+    nproc, layout, model = LAYOUTS[name]
+    ref_rows, ref_state = reference(model)
+    res = launch(workdir / name, nproc, layout + model, workdir / "cache")
     assert res.returncode == 0, res.stderr[-3000:]
-    rows, state = read_run(tmp / name)
+    rows, state = read_run(workdir / name)
     train_rows = [r for r in rows if "loss" in r]
     ref_train = [r for r in ref_rows if "loss" in r]
     assert [r["step"] for r in train_rows] == list(range(1, STEPS + 1))
@@ -92,11 +110,11 @@ def test_layout_matches_one_process(reference, name):
 
 
 @pytest.mark.slow
-def test_zero1_halves_optimizer_state_per_rank(reference):
-    tmp, (ref_rows, _) = reference
-    run_dir = tmp / "dp2_zero1"
+def test_zero1_halves_optimizer_state_per_rank(workdir, reference):
+    ref_rows, _ = reference([])
+    run_dir = workdir / "dp2_zero1"
     if not (run_dir / "metrics.jsonl").exists():
-        res = launch(run_dir, 2, LAYOUTS["dp2_zero1"][1], tmp / "cache")
+        res = launch(run_dir, 2, LAYOUTS["dp2_zero1"][1], workdir / "cache")
         assert res.returncode == 0, res.stderr[-3000:]
     rows, _ = read_run(run_dir)
     single = ref_rows[0]["optim_state_mib_rank0"]

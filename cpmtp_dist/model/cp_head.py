@@ -44,7 +44,12 @@ class CPHead(nn.Module):
         vocab_size: V.
         cfg: the head's config section (horizon n, rank r, parameterisation, ...).
         num_local_components: components stored here (r, or r / ep under expert parallelism).
+        vocab_range: (start, end) of the vocabulary slice whose `separate` unembeddings are stored here
+            (all of V by default; a slice under tensor parallelism).
         params_dtype: dtype of the parameters (the loss math is fp32 regardless).
+
+    Sharded parameters are drawn at full size and then sliced, so that every layout holds exactly the
+    weights of the single-device model.
     """
 
     def __init__(
@@ -54,6 +59,7 @@ class CPHead(nn.Module):
         cfg: CPHeadConfig,
         *,
         num_local_components: int | None = None,
+        vocab_range: tuple[int, int] | None = None,
         params_dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
@@ -74,7 +80,13 @@ class CPHead(nn.Module):
         nn.init.zeros_(self.gate.bias)
 
         if cfg.parameterisation == "separate":
-            self.unembed = nn.Parameter(torch.randn(r_loc, n, vocab_size, d, **kw) * std)  # (r, n, V, d)
+            lo, hi = vocab_range or (0, vocab_size)
+            full = torch.randn(r_loc, n, vocab_size, d, **kw) * std
+            self.unembed = nn.Parameter(full[:, :, lo:hi].clone())  # (r, n, V_local, d)
+            if hi - lo < vocab_size:  # split over the vocabulary like Megatron's column-parallel weights
+                self.unembed.tensor_model_parallel = True
+                self.unembed.partition_dim = 2
+                self.unembed.partition_stride = 1
         elif cfg.phi == "residual":
             hid = cfg.phi_hidden_size or d
             self.phi_w1 = nn.Parameter(torch.randn(r_loc, n, hid, d, **kw) * std)  # (r, n, hid, d)

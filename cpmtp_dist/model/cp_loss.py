@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.func import functional_call
 
 from cpmtp_dist.model.cp_head import IGNORE_INDEX, CPHead, upcast
+from cpmtp_dist.parallel.vocab import LOCAL, VocabShard
 
 
 @dataclass
@@ -117,38 +118,41 @@ def _chunks(n_rows: int, chunk: int) -> list[slice]:
 class _ChunkedCPLoss(torch.autograd.Function):
     """loss_sum = sum_t L_t with gradients from the responsibility surrogate.
 
-    Inputs after the non-tensor arguments: h (N, d), shared unembedding (V, d) or None, then the
+    Inputs after the non-tensor arguments: h (N, d), shared unembedding (V_local, d) or None, then the
     head's parameters in `names` order; they are routed through `apply` so that gradients reach them
     through autograd (and hence through DeepSpeed's gradient hooks), not by writing `.grad`.
+    `vocab` says which slice of the vocabulary this rank's unembeddings hold (all of it on one device).
     """
 
     @staticmethod
-    def forward(ctx, head, names, targets, chunk_tokens, with_accuracy, stats, h, unembed, *params):
+    def forward(ctx, head, names, targets, vocab, chunk_tokens, with_accuracy, stats, h, unembed, *params):
         valid = targets != IGNORE_INDEX  # (N, n)
         ldt = upcast(h[:0]).dtype  # loss dtype
         n_rows, r, n = h.shape[0], head.rank, head.horizon
         log_w = torch.empty(n_rows, r, dtype=ldt, device=h.device)
         target_logp = torch.zeros(n_rows, r, n, dtype=ldt, device=h.device)
+        lse = torch.empty(n_rows, r, n, dtype=ldt, device=h.device)  # log-normalisers, reused in backward
         correct = torch.zeros(n, dtype=torch.long, device=h.device) if with_accuracy else None
         tgt = targets.clamp_min(0)
         for rows in _chunks(n_rows, chunk_tokens):
             hc = h[rows]
             log_w[rows] = head.gate_log_weights(hc)
             for s in range(n):
-                mix = None  # (rows, V): the s-th marginal, only for accuracy
+                mix = None  # (rows, V_local): the s-th marginal, only for accuracy
                 for a in range(r):
-                    lp = F.log_softmax(upcast(head.factor_logits(hc, a, s, unembed)), dim=-1)  # (rows, V)
-                    target_logp[rows, a, s] = lp.gather(-1, tgt[rows, s : s + 1]).squeeze(-1)
+                    logits = upcast(head.factor_logits(hc, a, s, unembed))  # (rows, V_local)
+                    lse[rows, a, s] = z = vocab.logsumexp(logits)
+                    target_logp[rows, a, s] = vocab.target_logit(logits, tgt[rows, s]) - z
                     if with_accuracy:
-                        term = lp.add_(log_w[rows, a : a + 1]).exp_()
+                        term = logits.sub_(z.unsqueeze(-1)).add_(log_w[rows, a : a + 1]).exp_()
                         mix = term if mix is None else mix.add_(term)
                 if with_accuracy:
-                    hit = (mix.argmax(-1) == targets[rows, s]) & valid[rows, s]
+                    hit = (vocab.argmax(mix) == targets[rows, s]) & valid[rows, s]
                     correct[s] += hit.sum()
         target_logp *= valid.unsqueeze(1)
         loss_sum, ell, gamma, has_target, head_nll_sum = _finish(log_w, target_logp, valid)
-        ctx.head, ctx.names, ctx.chunk_tokens = head, names, chunk_tokens
-        ctx.save_for_backward(h, unembed, targets, gamma, *params)
+        ctx.head, ctx.names, ctx.chunk_tokens, ctx.vocab = head, names, chunk_tokens, vocab
+        ctx.save_for_backward(h, unembed, targets, gamma, lse, *params)
         ctx.mark_non_differentiable(ell, gamma, log_w)
         # Statistics leave through a plain dict: they need no gradient and exist under no_grad too.
         stats.update(num_positions=has_target.sum(), head_nll_sum=head_nll_sum, head_count=valid.sum(0))
@@ -157,8 +161,8 @@ class _ChunkedCPLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _g_logw, _g_ell, _g_gamma):
-        h, unembed, targets, gamma, *params = ctx.saved_tensors
-        head, names = ctx.head, ctx.names
+        h, unembed, targets, gamma, lse, *params = ctx.saved_tensors
+        head, names, vocab = ctx.head, ctx.names, ctx.vocab
         valid = targets != IGNORE_INDEX
         tgt = targets.clamp_min(0)
         # Fresh leaves: the recomputation differentiates w.r.t. these and hands the result back.
@@ -167,42 +171,58 @@ class _ChunkedCPLoss(torch.autograd.Function):
         wrt = [leaves[k] for k in names if leaves[k].requires_grad]
         wrt_u = [u_leaf] if u_leaf is not None and u_leaf.requires_grad else []
         grad_h = torch.zeros_like(upcast(h)) if h.requires_grad else None
-        acc = [torch.zeros_like(upcast(p)) for p in wrt + wrt_u]
+        acc = {id(p): torch.zeros_like(upcast(p)) for p in wrt + wrt_u}
         scale = gamma * grad_loss  # (N, r): d loss_sum / d log w_a and d log P_a^(s)
 
-        def accumulate(out: Tensor, grad_out: Tensor, hc: Tensor, rows: slice) -> None:
-            inputs = ([hc] if grad_h is not None else []) + wrt + wrt_u
+        def accumulate(out: Tensor, grad_out: Tensor, inputs: list[Tensor]) -> list[Tensor | None]:
+            """Back-propagate grad_out from out; add parameter gradients to `acc`, return the others."""
             grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
-            if grad_h is not None:
-                grad_h[rows] += upcast(grads[0])
-                grads = grads[1:]
-            for buf, g in zip(acc, grads, strict=True):
-                if g is not None:
-                    buf += upcast(g)
+            rest = []
+            for x, g in zip(inputs, grads, strict=True):
+                if id(x) in acc:
+                    if g is not None:
+                        acc[id(x)] += upcast(g)
+                else:
+                    rest.append(g)
+            return rest
 
         for rows in _chunks(h.shape[0], ctx.chunk_tokens):
             hc = h[rows].detach().requires_grad_(grad_h is not None)
+            first = [hc] if grad_h is not None else []
             with torch.enable_grad():
                 log_w = _call(head, leaves, "gate_log_weights", hc)  # (rows, r)
             # d(-sum_a gamma_a log w_a)/d log w = -gamma
-            accumulate(log_w, -scale[rows], hc, rows)
+            grad_hc = accumulate(log_w, -scale[rows], first + wrt)
+            grad_hc = upcast(grad_hc[0]) if grad_hc and grad_hc[0] is not None else 0.0
             for s in range(head.horizon):
                 for a in range(head.rank):
                     with torch.enable_grad():
-                        logits = _call(head, leaves, "factor_logits", hc, a, s, u_leaf)  # (rows, V)
+                        z = _call(head, leaves, "features", hc, a, s)  # (rows, d)
+                        z_leaf = z.detach().requires_grad_(True)
+                        w = _call(head, leaves, "unembedding", a, s, u_leaf)  # (V_local, d)
+                        logits = z_leaf @ w.t()  # (rows, V_local)
                     with torch.no_grad():
-                        # d(-gamma log softmax(z)[x]) / dz = gamma * (softmax(z) - onehot(x)),
+                        # d(-gamma log softmax(logits)[x]) / d logits = gamma * (softmax - onehot(x)),
                         # dropped where the target is missing.
-                        g = torch.softmax(upcast(logits), dim=-1)
-                        g.scatter_add_(-1, tgt[rows, s : s + 1], torch.full_like(g[:, :1], -1.0))
+                        g = upcast(logits).sub_(lse[rows, a, s].unsqueeze(-1)).exp_()
+                        vocab.subtract_onehot_(g, tgt[rows, s])
                         g *= (scale[rows, a] * valid[rows, s]).unsqueeze(-1)
-                    accumulate(logits, g.to(logits.dtype), hc, rows)
+                    (grad_z,) = accumulate(logits, g.to(logits.dtype), [z_leaf] + wrt + wrt_u)
+                    # Each vocabulary shard contributes a partial sum to the features' gradient.
+                    grad_z = vocab.all_reduce_(grad_z)
+                    if z.requires_grad:
+                        g_h = accumulate(z, grad_z, first + wrt)
+                        grad_hc = grad_hc + (upcast(g_h[0]) if g_h and g_h[0] is not None else 0.0)
+            if grad_h is not None:
+                grad_h[rows] += grad_hc
 
-        it = iter(acc)
-        grad_params = [next(it).to(p.dtype) if p.requires_grad else None for p in params]
-        grad_u = next(it).to(unembed.dtype) if wrt_u else None
+        grad_params = [
+            acc[id(leaves[k])].to(p.dtype) if p.requires_grad else None
+            for k, p in zip(names, params, strict=True)
+        ]
+        grad_u = acc[id(u_leaf)].to(unembed.dtype) if wrt_u else None
         grad_h = None if grad_h is None else grad_h.to(h.dtype)
-        return (None, None, None, None, None, None, grad_h, grad_u, *grad_params)
+        return (None, None, None, None, None, None, None, grad_h, grad_u, *grad_params)
 
 
 class _Method(torch.nn.Module):
@@ -231,16 +251,18 @@ def chunked_cp_loss(
     *,
     chunk_tokens: int = 4096,
     with_accuracy: bool = False,
+    vocab: VocabShard = LOCAL,
 ) -> CPLossOutput:
-    """Exact CP loss whose peak logit memory is (chunk_tokens, V); same values and gradients as
-    `naive_cp_loss`.  h: (..., d); targets: (..., n)."""
+    """Exact CP loss whose peak logit memory is (chunk_tokens, V_local); same values and gradients as
+    `naive_cp_loss`.  h: (..., d); targets: (..., n). Under tensor parallelism the unembeddings hold
+    the vocabulary slice `vocab` and the loss is vocabulary-parallel."""
     h, targets = _check_inputs(head, h, targets)
     names, params = zip(*head.named_parameters(), strict=True)
     if head.parameterisation == "separate":
         shared_unembedding = None  # unused: it must receive no gradient (not even zeros)
     stats: dict[str, Tensor | None] = {}
     loss_sum, log_w, ell, gamma = _ChunkedCPLoss.apply(
-        head, names, targets, chunk_tokens, with_accuracy, stats, h, shared_unembedding, *params
+        head, names, targets, vocab, chunk_tokens, with_accuracy, stats, h, shared_unembedding, *params
     )
     return CPLossOutput(
         loss_sum=loss_sum, log_weights=log_w, component_logp=ell, responsibilities=gamma, **stats
@@ -256,13 +278,24 @@ def cp_loss(
     impl: str = "chunked",
     chunk_tokens: int = 4096,
     with_accuracy: bool = False,
+    vocab: VocabShard = LOCAL,
 ) -> CPLossOutput:
     """Dispatch on `model.cp.loss_impl`."""
     if impl == "naive":
+        if vocab.world > 1:
+            raise ValueError(
+                "model.cp.loss_impl='naive' is a single-device reference: use 'chunked' with tp > 1"
+            )
         return naive_cp_loss(head, h, targets, shared_unembedding, with_accuracy=with_accuracy)
     if impl == "chunked":
         return chunked_cp_loss(
-            head, h, targets, shared_unembedding, chunk_tokens=chunk_tokens, with_accuracy=with_accuracy
+            head,
+            h,
+            targets,
+            shared_unembedding,
+            chunk_tokens=chunk_tokens,
+            with_accuracy=with_accuracy,
+            vocab=vocab,
         )
     raise ValueError(f"model.cp.loss_impl={impl!r} is not one of 'chunked', 'naive'")
 

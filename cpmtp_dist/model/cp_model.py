@@ -15,16 +15,28 @@ from cpmtp_dist.model.cp_head import IGNORE_INDEX, CPHead
 from cpmtp_dist.model.cp_loss import CPLossOutput, cp_loss, load_balancing_loss
 from cpmtp_dist.model.drafting import Draft, draft, next_token_log_probs
 from cpmtp_dist.model.trunk import build_trunk, trunk_hidden, unembedding_weight
+from cpmtp_dist.parallel.vocab import LOCAL, VocabShard
 
 
 class CPModel(nn.Module):
     """Trunk + CP head. Attribute names (`trunk`, `head`) are the checkpoint's key prefixes."""
 
-    def __init__(self, cfg: ModelConfig, *, params_dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self, cfg: ModelConfig, *, vocab: VocabShard = LOCAL, params_dtype: torch.dtype = torch.float32
+    ) -> None:
+        """`vocab` is this rank's slice of the vocabulary under tensor parallelism (all of it by default)."""
         super().__init__()
         self.cfg = cfg
+        self.vocab = vocab
+        v_local = cfg.trunk.vocab_size // vocab.world
         self.trunk = build_trunk(cfg.trunk, params_dtype=params_dtype)
-        self.head = CPHead(cfg.trunk.hidden_size, cfg.trunk.vocab_size, cfg.cp, params_dtype=params_dtype)
+        self.head = CPHead(
+            cfg.trunk.hidden_size,
+            cfg.trunk.vocab_size,
+            cfg.cp,
+            vocab_range=(vocab.start, vocab.start + v_local),
+            params_dtype=params_dtype,
+        )
 
     def hidden(self, tokens: Tensor) -> Tensor:
         """Final hidden states (B, T, d) of `tokens` (B, T)."""
@@ -49,6 +61,7 @@ class CPModel(nn.Module):
             impl=cp.loss_impl,
             chunk_tokens=cp.chunk_tokens,
             with_accuracy=with_accuracy,
+            vocab=self.vocab,
         )
         if cp.aux_loss_weight > 0:
             # The gate once more with grad (the loss output's log-weights are detached): (N, r), cheap.
@@ -57,14 +70,20 @@ class CPModel(nn.Module):
             out.aux_loss = load_balancing_loss(log_w, out.responsibilities, has_target)
         return out
 
+    def _single_device(self) -> None:
+        if self.vocab.world > 1:
+            raise NotImplementedError("decoding runs in one process: load the checkpoint with tp = 1")
+
     @torch.no_grad()
     def next_token_log_probs(self, tokens: Tensor) -> Tensor:
         """log P(x_{T+1} | tokens) from the last position: (B, T) -> (B, V), fp32."""
+        self._single_device()
         h = self.hidden(tokens)[:, -1]  # (B, d)
         return next_token_log_probs(self.head, h, self.unembedding())
 
     @torch.no_grad()
     def draft(self, tokens: Tensor, *, greedy: bool, generator: torch.Generator | None = None) -> Draft:
         """Draft the next n tokens after `tokens` (B, T) from the head at the last position."""
+        self._single_device()
         h = self.hidden(tokens)[:, -1]
         return draft(self.head, h, self.unembedding(), greedy=greedy, generator=generator)

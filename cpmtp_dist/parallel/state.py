@@ -44,6 +44,9 @@ class ParallelGroups:
     """Ranks holding the same expert shard: where expert gradients are averaged."""
     expert_dp_rank: int
     expert_dp_size: int
+    mp_group: dist.ProcessGroup
+    """Model-parallel ranks (tp x pp) holding one replica of the model: where gradient norms are summed."""
+    mp_rank: int
     is_first_stage: bool
     is_last_stage: bool
 
@@ -100,6 +103,8 @@ def _read_groups() -> ParallelGroups:
         expert_dp_group=ps.get_expert_data_parallel_group(),
         expert_dp_rank=ps.get_expert_data_parallel_rank(),
         expert_dp_size=ps.get_expert_data_parallel_world_size(),
+        mp_group=ps.get_model_parallel_group(),
+        mp_rank=dist.get_rank(ps.get_model_parallel_group()),
         is_first_stage=ps.is_pipeline_first_stage(),
         is_last_stage=ps.is_pipeline_last_stage(),
     )

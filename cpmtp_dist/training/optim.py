@@ -81,9 +81,12 @@ def build_engine(
     grad_accum: int,
     dp: int,
     bf16: bool,
-    dp_group: Any = None,
+    mpu: Any = None,
 ) -> Any:
-    """Wrap `model` in a DeepSpeed engine with AdamW and the warmup-cosine schedule."""
+    """Wrap `model` in a DeepSpeed engine with AdamW and the warmup-cosine schedule.
+
+    `mpu` tells DeepSpeed the data- and model-parallel groups (see `parallel.layout.DeepSpeedMPU`).
+    """
     import deepspeed  # heavy import; only the trainer needs it
 
     maybe_skip_deepspeed_cpu_ops()
@@ -92,11 +95,8 @@ def build_engine(
     os.environ.setdefault("LOCAL_RANK", "0")
     opt, sched = build_optimizer(model, cfg, total_steps)
     ds_cfg = deepspeed_config(cfg, micro_batch_size=micro_batch_size, grad_accum=grad_accum, dp=dp, bf16=bf16)
-    kwargs = {"mpu": None}
-    if dp_group is not None:
-        kwargs["dist_init_required"] = False
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=opt, lr_scheduler=sched, config=ds_cfg, **kwargs
+        model=model, optimizer=opt, lr_scheduler=sched, config=ds_cfg, mpu=mpu
     )
     return engine
 

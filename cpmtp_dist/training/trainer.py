@@ -27,6 +27,12 @@ from cpmtp_dist.data.loader import PackedSequenceLoader, eval_batches, make_targ
 from cpmtp_dist.model.cp_head import IGNORE_INDEX
 from cpmtp_dist.model.cp_loss import CPLossOutput
 from cpmtp_dist.model.cp_model import CPModel
+from cpmtp_dist.parallel.layout import (
+    DeepSpeedMPU,
+    build_vocab_shard,
+    gather_full_state_dict,
+    global_grad_norm,
+)
 from cpmtp_dist.parallel.state import ParallelGroups, initialize_parallel
 from cpmtp_dist.training.checkpoint import save_checkpoint
 from cpmtp_dist.training.metrics import MetricsLogger, entropy, model_flops_per_token, peak_flops
@@ -51,10 +57,14 @@ def resolve_precision(cfg: Config) -> tuple[torch.device, torch.dtype]:
     return device, torch.bfloat16 if precision == "bf16" else torch.float32
 
 
-def build_model(cfg: Config, params_dtype: torch.dtype, device: torch.device) -> CPModel:
-    """The trunk + CP head, with weights fixed by `train.seed`."""
+def build_model(
+    cfg: Config, groups: ParallelGroups, params_dtype: torch.dtype, device: torch.device
+) -> CPModel:
+    """This rank's part of the trunk + CP head. The weights are fixed by `train.seed` alone: sharded
+    tensors are drawn whole and sliced, so every layout starts from the single-process weights."""
     torch.manual_seed(cfg.train.seed)
-    return CPModel(cfg.model, params_dtype=params_dtype).to(device)
+    vocab = build_vocab_shard(groups, cfg.model.trunk.vocab_size)
+    return CPModel(cfg.model, vocab=vocab, params_dtype=params_dtype).to(device)
 
 
 def build_data(cfg: Config) -> BuiltinData:
@@ -123,8 +133,7 @@ def train_step(
         sums.add(out, aux)
         if i == len(pairs) - 1 and engine.zero_optimization_stage() == 0 and with_accuracy:
             # Without ZeRO, DeepSpeed clips but does not keep the norm: measure it before the step.
-            grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-            local_norm = float(torch.nn.utils.get_total_norm(grads))
+            local_norm = global_grad_norm(engine.module, groups)
         engine.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
     norm = engine.get_global_grad_norm() if local_norm is None else local_norm
     return sums.reduce(groups, num_micro=len(pairs)) | {
@@ -219,9 +228,17 @@ def optimizer_state_bytes(engine: Any) -> int:
 # --------------------------------------------------------------------------------------------------
 def train(cfg: Config, run_dir: Path) -> TrainResult:
     """Train `cfg` and write the run directory (config, metrics, checkpoints)."""
-    groups = initialize_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep, seed=cfg.train.seed)
-    if (groups.tp_size, groups.pp_size, groups.ep_size) != (1, 1, 1):
-        raise NotImplementedError("tensor, pipeline and expert parallelism are not available yet")
+    par = cfg.parallel
+    if par.pp > 1 or par.ep > 1 or par.sequence_parallel:
+        raise NotImplementedError(
+            f"parallel.pp={par.pp}, parallel.ep={par.ep}, parallel.sequence_parallel={par.sequence_parallel}: "
+            "pipeline, expert and sequence parallelism are not available yet; use tp and data parallelism"
+        )
+    if par.tp > 1 and cfg.model.cp.loss_impl == "naive":
+        raise ValueError(
+            "model.cp.loss_impl='naive' is a single-device reference: use 'chunked' with parallel.tp > 1"
+        )
+    groups = initialize_parallel(par.tp, par.pp, par.ep, seed=cfg.train.seed)
     is_logger = groups.rank == 0
     run_dir.mkdir(parents=True, exist_ok=True)
     config_yaml = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
@@ -249,7 +266,7 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
         dp_rank=groups.dp_rank,
         dp_size=groups.dp_size,
     )
-    model = build_model(cfg, dtype, device)
+    model = build_model(cfg, groups, dtype, device)
     engine = build_engine(
         model,
         cfg.optim,
@@ -258,6 +275,7 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
         grad_accum=grad_accum,
         dp=groups.dp_size,
         bf16=dtype == torch.bfloat16,
+        mpu=DeepSpeedMPU(groups),
     )
     logger = MetricsLogger(run_dir, enabled=is_logger, total_steps=t.steps)
     tokens_per_step = t.global_batch_size * cfg.model.trunk.seq_length
@@ -276,7 +294,7 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
         return save_checkpoint(
             run_dir / "checkpoints",
             step,
-            model_state=model.state_dict(),
+            model_state=gather_full_state_dict(model, groups),
             meta={"tokens_seen": step * tokens_per_step, "loader": loader.state_dict()},
             config_yaml=config_yaml,
             tokenizer_dir=data.tokenizer_dir,

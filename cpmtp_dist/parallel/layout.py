@@ -1,0 +1,114 @@
+"""What the rest of the code needs from a parallel layout: the vocabulary shard of this rank, the
+`mpu` view DeepSpeed expects, and the full (unsharded) state dict for checkpoints.
+
+Everything here takes the `ParallelGroups` built by `state.initialize_parallel`; nothing looks the
+groups up by itself.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from cpmtp_dist.parallel.state import ParallelGroups
+from cpmtp_dist.parallel.vocab import VocabShard
+
+
+def build_vocab_shard(groups: ParallelGroups, vocab_size: int) -> VocabShard:
+    """This rank's slice of the vocabulary: Megatron splits embeddings evenly over the tp ranks."""
+    if groups.tp_size == 1:
+        return VocabShard()
+    return VocabShard(
+        group=groups.tp_group, world=groups.tp_size, start=groups.tp_rank * vocab_size // groups.tp_size
+    )
+
+
+class DeepSpeedMPU:
+    """The model-parallel unit DeepSpeed asks for (`deepspeed.initialize(mpu=...)`).
+
+    Note: DeepSpeed averages gradients over `get_data_parallel_group()` and sums gradient norms over
+    `get_model_parallel_group()`, counting a parameter on every model-parallel rank if it carries
+    `tensor_model_parallel=True` (it is split) and on model-parallel rank 0 only otherwise (it is
+    replicated). Megatron marks its split weights that way; the CP head marks its own.
+    """
+
+    def __init__(self, groups: ParallelGroups) -> None:
+        self.g = groups
+
+    def get_model_parallel_group(self) -> dist.ProcessGroup:
+        return self.g.mp_group
+
+    def get_model_parallel_rank(self) -> int:
+        return self.g.mp_rank
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.g.tp_size * self.g.pp_size
+
+    def get_tensor_model_parallel_group(self) -> dist.ProcessGroup:
+        return self.g.tp_group
+
+    def get_tensor_model_parallel_rank(self) -> int:
+        return self.g.tp_rank
+
+    def get_tensor_model_parallel_world_size(self) -> int:
+        return self.g.tp_size
+
+    def get_pipeline_model_parallel_group(self) -> dist.ProcessGroup:
+        return self.g.pp_group
+
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return self.g.pp_rank
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return self.g.pp_size
+
+    def get_data_parallel_group(self) -> dist.ProcessGroup:
+        return self.g.dp_group
+
+    def get_data_parallel_rank(self) -> int:
+        return self.g.dp_rank
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.g.dp_size
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return dist.get_process_group_ranks(self.g.dp_group)
+
+
+@torch.no_grad()
+def gather_full_state_dict(model: nn.Module, groups: ParallelGroups) -> dict[str, Tensor]:
+    """The state dict of the unsharded model, on every rank of the tensor-parallel group.
+
+    Tensor-parallel parameters (marked `tensor_model_parallel`, with `partition_dim`) are all-gathered
+    over tp and concatenated; Megatron's fused layouts (e.g. QKV grouped per head) make that equal to
+    the tp = 1 layout. Collective over the tp group.
+    """
+    if groups.pp_size > 1:
+        raise NotImplementedError("gathering a pipeline-parallel model is not available yet")
+    params = dict(model.named_parameters())
+    out: dict[str, Tensor] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        p = params.get(name, t)
+        if groups.tp_size > 1 and getattr(p, "tensor_model_parallel", False):
+            if getattr(p, "partition_stride", 1) != 1:
+                raise NotImplementedError(f"{name}: strided tensor-parallel partitions are not supported")
+            parts = [torch.empty_like(p) for _ in range(groups.tp_size)]
+            dist.all_gather(parts, p.detach().contiguous(), group=groups.tp_group)
+            out[name] = torch.cat(parts, dim=p.partition_dim)
+        else:
+            out[name] = t.detach() if torch.is_tensor(t) else t
+    return out
+
+
+@torch.no_grad()
+def global_grad_norm(model: nn.Module, groups: ParallelGroups) -> float:
+    """L2 norm of the whole model's gradient, each parameter counted once across model-parallel ranks
+    (split parameters on every rank, replicated ones on model-parallel rank 0), as DeepSpeed counts."""
+    sq = torch.zeros((), dtype=torch.float64)
+    for p in model.parameters():
+        if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or groups.mp_rank == 0):
+            sq += p.grad.detach().double().pow(2).sum().cpu()
+    if groups.tp_size * groups.pp_size > 1:
+        dist.all_reduce(sq, group=groups.mp_group)
+    return float(sq.sqrt())
