@@ -43,7 +43,8 @@ class CPHead(nn.Module):
         hidden_size: d, width of the trunk's final hidden state.
         vocab_size: V.
         cfg: the head's config section (horizon n, rank r, parameterisation, ...).
-        num_local_components: components stored here (r, or r / ep under expert parallelism).
+        component_range: (start, end) of the components stored here (all r by default; r / ep of them
+            under expert parallelism).
         vocab_range: (start, end) of the vocabulary slice whose `separate` unembeddings are stored here
             (all of V by default; a slice under tensor parallelism).
         params_dtype: dtype of the parameters (the loss math is fp32 regardless).
@@ -58,7 +59,7 @@ class CPHead(nn.Module):
         vocab_size: int,
         cfg: CPHeadConfig,
         *,
-        num_local_components: int | None = None,
+        component_range: tuple[int, int] | None = None,
         vocab_range: tuple[int, int] | None = None,
         params_dtype: torch.dtype = torch.float32,
     ) -> None:
@@ -69,33 +70,43 @@ class CPHead(nn.Module):
         self.rank = cfg.rank
         self.parameterisation = cfg.parameterisation
         self.phi_kind = cfg.phi
-        self.num_local_components = cfg.rank if num_local_components is None else num_local_components
-        d, n, r_loc = hidden_size, cfg.horizon, self.num_local_components
+        c_lo, c_hi = component_range or (0, cfg.rank)
+        v_lo, v_hi = vocab_range or (0, vocab_size)
+        self.component_start = c_lo
+        self.num_local_components = c_hi - c_lo
+        d, n, r = hidden_size, cfg.horizon, cfg.rank
         std = cfg.init_noise_std
         kw = {"dtype": params_dtype}
 
         # Gate over *all* r components (replicated under expert parallelism).
-        self.gate = nn.Linear(d, cfg.rank, bias=True, **kw)
+        self.gate = nn.Linear(d, r, bias=True, **kw)
         nn.init.zeros_(self.gate.weight)
         nn.init.zeros_(self.gate.bias)
 
         if cfg.parameterisation == "separate":
-            lo, hi = vocab_range or (0, vocab_size)
-            full = torch.randn(r_loc, n, vocab_size, d, **kw) * std
-            self.unembed = nn.Parameter(full[:, :, lo:hi].clone())  # (r, n, V_local, d)
-            if hi - lo < vocab_size:  # split over the vocabulary like Megatron's column-parallel weights
+            full = torch.randn(r, n, vocab_size, d, **kw) * std
+            self.unembed = nn.Parameter(full[c_lo:c_hi, :, v_lo:v_hi].clone())  # (r_local, n, V_local, d)
+            if v_hi - v_lo < vocab_size:  # split over the vocabulary like Megatron's column-parallel weights
                 self.unembed.tensor_model_parallel = True
                 self.unembed.partition_dim = 2
                 self.unembed.partition_stride = 1
         elif cfg.phi == "residual":
             hid = cfg.phi_hidden_size or d
-            self.phi_w1 = nn.Parameter(torch.randn(r_loc, n, hid, d, **kw) * std)  # (r, n, hid, d)
-            self.phi_w2 = nn.Parameter(torch.zeros(r_loc, n, d, hid, **kw))  # (r, n, d, hid)
+            w1 = torch.randn(r, n, hid, d, **kw) * std
+            self.phi_w1 = nn.Parameter(w1[c_lo:c_hi].clone())  # (r_local, n, hid, d)
+            self.phi_w2 = nn.Parameter(torch.zeros(c_hi - c_lo, n, d, hid, **kw))  # (r_local, n, d, hid)
         elif cfg.phi == "linear":
-            eye = torch.eye(d, **kw).expand(r_loc, n, d, d)
-            self.phi_weight = nn.Parameter(eye + torch.randn(r_loc, n, d, d, **kw) * std)  # (r, n, d, d)
+            w = torch.eye(d, **kw).expand(r, n, d, d) + torch.randn(r, n, d, d, **kw) * std
+            self.phi_weight = nn.Parameter(w[c_lo:c_hi].clone())  # (r_local, n, d, d)
         else:
             raise ValueError(f"model.cp.phi={cfg.phi!r} is not one of 'residual', 'linear'")
+        if self.num_local_components < r:
+            for p in self.component_parameters():
+                p.expert_parallel = True  # sharded over the expert-parallel group along dimension 0
+
+    def component_parameters(self) -> list[nn.Parameter]:
+        """The per-component tensors (leading dimension = local component), i.e. everything but the gate."""
+        return [p for name, p in self.named_parameters() if not name.startswith("gate.")]
 
     # ----------------------------------------------------------------------------------------------
     def gate_log_weights(self, h: Tensor) -> Tensor:
@@ -103,7 +114,8 @@ class CPHead(nn.Module):
         return F.log_softmax(upcast(self.gate(h)), dim=-1)
 
     def features(self, h: Tensor, a: int, s: int) -> Tensor:
-        """phi_{a,s}(h) for local component a and head position s (0-based).  (N, d) -> (N, d).
+        """phi_{a,s}(h) for local component a (0-based, of this rank's components) and head position s
+        (0-based).  (N, d) -> (N, d).
 
         Under `separate` the features are h itself; the component lives in its unembedding.
         """

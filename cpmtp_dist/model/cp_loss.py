@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.func import functional_call
 
 from cpmtp_dist.model.cp_head import IGNORE_INDEX, CPHead, upcast
+from cpmtp_dist.parallel.experts import LOCAL_EXPERTS, ExpertShard
 from cpmtp_dist.parallel.vocab import LOCAL, VocabShard
 
 
@@ -51,21 +52,20 @@ class CPLossOutput:
 
 def _finish(log_w: Tensor, target_logp: Tensor, valid: Tensor) -> tuple[Tensor, ...]:
     """From log w (N, r), target log-probs (N, r, n) (0 where missing) and valid (N, n) to the
-    per-position statistics shared by both implementations."""
+    per-position statistics shared by both implementations: per-row L_t and the s-th tokens' own
+    marginal NLL (0 where there is nothing to predict), l, gamma and which rows have a target."""
     ell = log_w + target_logp.sum(dim=-1)  # (N, r)
     has_target = valid.any(dim=-1)  # (N,)
     nll = -torch.logsumexp(ell, dim=-1)  # (N,)
-    loss_sum = torch.where(has_target, nll, torch.zeros_like(nll)).sum()
+    nll = torch.where(has_target, nll, torch.zeros_like(nll))
     gamma = torch.softmax(ell, dim=-1) * has_target.unsqueeze(-1)  # (N, r)
     # Marginal of the s-th token alone: -log sum_a w_a P_a^(s)(x_{t+s}).
     head_nll = -torch.logsumexp(log_w.unsqueeze(-1) + target_logp, dim=1)  # (N, n)
-    head_nll_sum = torch.where(valid, head_nll, torch.zeros_like(head_nll)).sum(dim=0)
-    return loss_sum, ell, gamma, has_target, head_nll_sum
+    head_nll = torch.where(valid, head_nll, torch.zeros_like(head_nll))
+    return nll, ell, gamma, has_target, head_nll
 
 
 def _check_inputs(head: CPHead, h: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-    if head.num_local_components != head.rank:
-        raise ValueError("the single-device CP loss needs all r components on this device")
     h = h.reshape(-1, h.shape[-1])  # (N, d)
     targets = targets.reshape(-1, targets.shape[-1])  # (N, n)
     if targets.shape[0] != h.shape[0] or targets.shape[1] != head.horizon:
@@ -88,24 +88,26 @@ def naive_cp_loss(
     h: (..., d) trunk output; targets: (..., n) token ids, IGNORE_INDEX where missing.
     """
     h, targets = _check_inputs(head, h, targets)
+    if head.num_local_components != head.rank:
+        raise ValueError("the naive CP loss is a single-device reference: it needs all r components here")
     valid = targets != IGNORE_INDEX  # (N, n)
     log_w = head.gate_log_weights(h)  # (N, r)
     logp = head.all_factor_log_probs(h, shared_unembedding)  # (N, r, n, V)
     idx = targets.clamp_min(0)[:, None, :, None].expand(-1, head.rank, -1, 1)
     target_logp = logp.gather(-1, idx).squeeze(-1) * valid.unsqueeze(1)  # (N, r, n)
-    loss_sum, ell, gamma, has_target, head_nll_sum = _finish(log_w, target_logp, valid)
+    nll, ell, gamma, has_target, head_nll = _finish(log_w, target_logp, valid)
     correct = None
     if with_accuracy:
         with torch.no_grad():
             mix = torch.logsumexp(log_w[:, :, None, None] + logp, dim=1)  # (N, n, V)
             correct = ((mix.argmax(-1) == targets) & valid).sum(0)
     return CPLossOutput(
-        loss_sum=loss_sum,
+        loss_sum=nll.sum(),
         num_positions=has_target.sum(),
         log_weights=log_w.detach(),
         component_logp=ell.detach(),
         responsibilities=gamma.detach(),
-        head_nll_sum=head_nll_sum.detach(),
+        head_nll_sum=head_nll.sum(0).detach(),
         head_count=valid.sum(0),
         head_correct=correct,
     )
@@ -121,48 +123,71 @@ class _ChunkedCPLoss(torch.autograd.Function):
     Inputs after the non-tensor arguments: h (N, d), shared unembedding (V_local, d) or None, then the
     head's parameters in `names` order; they are routed through `apply` so that gradients reach them
     through autograd (and hence through DeepSpeed's gradient hooks), not by writing `.grad`.
-    `vocab` says which slice of the vocabulary this rank's unembeddings hold (all of it on one device).
+    `vocab` is the vocabulary slice of this rank's unembeddings and `experts` its components (all of
+    both on one device). Under expert parallelism the rows are those of the whole ep group (gathered),
+    while the loss and statistics returned are this rank's own rows.
     """
 
     @staticmethod
-    def forward(ctx, head, names, targets, vocab, chunk_tokens, with_accuracy, stats, h, unembed, *params):
-        valid = targets != IGNORE_INDEX  # (N, n)
+    def forward(
+        ctx, head, names, targets, vocab, experts, chunk_tokens, with_accuracy, stats, h, unembed, *params
+    ):
+        n_own = h.shape[0]
+        own = experts.own_rows(n_own)
+        h_all, targets_all = experts.gather_rows(h), experts.gather_rows(targets)  # (N_all, d), (N_all, n)
+        valid = targets_all != IGNORE_INDEX  # (N_all, n)
         ldt = upcast(h[:0]).dtype  # loss dtype
-        n_rows, r, n = h.shape[0], head.rank, head.horizon
-        log_w = torch.empty(n_rows, r, dtype=ldt, device=h.device)
-        target_logp = torch.zeros(n_rows, r, n, dtype=ldt, device=h.device)
-        lse = torch.empty(n_rows, r, n, dtype=ldt, device=h.device)  # log-normalisers, reused in backward
+        n_rows, r_loc, n, c0 = h_all.shape[0], head.num_local_components, head.horizon, head.component_start
+        log_w = torch.empty(n_rows, head.rank, dtype=ldt, device=h.device)
+        target_logp = torch.zeros(n_rows, r_loc, n, dtype=ldt, device=h.device)
+        lse = torch.empty(n_rows, r_loc, n, dtype=ldt, device=h.device)  # log-normalisers, reused in backward
         correct = torch.zeros(n, dtype=torch.long, device=h.device) if with_accuracy else None
-        tgt = targets.clamp_min(0)
+        tgt = targets_all.clamp_min(0)
         for rows in _chunks(n_rows, chunk_tokens):
-            hc = h[rows]
+            hc = h_all[rows]
             log_w[rows] = head.gate_log_weights(hc)
             for s in range(n):
                 mix = None  # (rows, V_local): the s-th marginal, only for accuracy
-                for a in range(r):
+                for a in range(r_loc):
                     logits = upcast(head.factor_logits(hc, a, s, unembed))  # (rows, V_local)
                     lse[rows, a, s] = z = vocab.logsumexp(logits)
                     target_logp[rows, a, s] = vocab.target_logit(logits, tgt[rows, s]) - z
                     if with_accuracy:
-                        term = logits.sub_(z.unsqueeze(-1)).add_(log_w[rows, a : a + 1]).exp_()
+                        term = logits.sub_(z.unsqueeze(-1)).add_(log_w[rows, c0 + a : c0 + a + 1]).exp_()
                         mix = term if mix is None else mix.add_(term)
                 if with_accuracy:
-                    hit = (vocab.argmax(mix) == targets[rows, s]) & valid[rows, s]
-                    correct[s] += hit.sum()
+                    # Metrics only (log steps): the mixture over components needs an (rows, V_local) sum.
+                    mix = experts.all_reduce_(mix)
+                    hit = (vocab.argmax(mix) == targets_all[rows, s]) & valid[rows, s]
+                    in_own = torch.zeros_like(hit)
+                    lo, hi = max(rows.start, own.start), min(rows.stop, own.stop)
+                    if lo < hi:
+                        in_own[lo - rows.start : hi - rows.start] = True
+                    correct[s] += (hit & in_own).sum()
         target_logp *= valid.unsqueeze(1)
-        loss_sum, ell, gamma, has_target, head_nll_sum = _finish(log_w, target_logp, valid)
-        ctx.head, ctx.names, ctx.chunk_tokens, ctx.vocab = head, names, chunk_tokens, vocab
-        ctx.save_for_backward(h, unembed, targets, gamma, lse, *params)
-        ctx.mark_non_differentiable(ell, gamma, log_w)
+        target_logp = experts.gather_cols(target_logp)  # (N_all, r, n): every component's factors
+        nll, ell, gamma, has_target, head_nll = _finish(log_w, target_logp, valid)
+        ctx.head, ctx.names, ctx.chunk_tokens, ctx.vocab, ctx.experts = (
+            head,
+            names,
+            chunk_tokens,
+            vocab,
+            experts,
+        )
+        ctx.n_own, ctx.h_requires_grad = n_own, h.requires_grad
+        ctx.save_for_backward(h_all, unembed, targets_all, gamma, lse, *params)
+        log_w, ell, gamma_own = log_w[own], ell[own], gamma[own]
+        ctx.mark_non_differentiable(ell, gamma_own, log_w)
         # Statistics leave through a plain dict: they need no gradient and exist under no_grad too.
-        stats.update(num_positions=has_target.sum(), head_nll_sum=head_nll_sum, head_count=valid.sum(0))
-        stats["head_correct"] = correct
-        return loss_sum, log_w, ell, gamma
+        stats.update(num_positions=has_target[own].sum(), head_nll_sum=head_nll[own].sum(0))
+        stats.update(head_count=valid[own].sum(0), head_correct=correct)
+        return nll[own].sum(), log_w, ell, gamma_own
 
     @staticmethod
     def backward(ctx, grad_loss, _g_logw, _g_ell, _g_gamma):
-        h, unembed, targets, gamma, lse, *params = ctx.saved_tensors
-        head, names, vocab = ctx.head, ctx.names, ctx.vocab
+        h_all, unembed, targets, gamma, lse, *params = ctx.saved_tensors
+        head, names, vocab, experts, n_own = ctx.head, ctx.names, ctx.vocab, ctx.experts, ctx.n_own
+        own, c0 = experts.own_rows(n_own), head.component_start
         valid = targets != IGNORE_INDEX
         tgt = targets.clamp_min(0)
         # Fresh leaves: the recomputation differentiates w.r.t. these and hands the result back.
@@ -170,9 +195,12 @@ class _ChunkedCPLoss(torch.autograd.Function):
         u_leaf = None if unembed is None else unembed.detach().requires_grad_(unembed.requires_grad)
         wrt = [leaves[k] for k in names if leaves[k].requires_grad]
         wrt_u = [u_leaf] if u_leaf is not None and u_leaf.requires_grad else []
-        grad_h = torch.zeros_like(upcast(h)) if h.requires_grad else None
+        need_h = ctx.h_requires_grad
+        grad_h_all = torch.zeros_like(upcast(h_all)) if need_h else None  # factors: every gathered row
         acc = {id(p): torch.zeros_like(upcast(p)) for p in wrt + wrt_u}
-        scale = gamma * grad_loss  # (N, r): d loss_sum / d log w_a and d log P_a^(s)
+        # Rows of peer k belong to peer k's loss, which received peer k's upstream gradient.
+        upstream = experts.gather_rows(grad_loss.reshape(1).to(gamma.dtype)).repeat_interleave(n_own)
+        scale = gamma * upstream.unsqueeze(-1)  # (N_all, r): d loss / d log w_a and d log P_a^(s)
 
         def accumulate(out: Tensor, grad_out: Tensor, inputs: list[Tensor]) -> list[Tensor | None]:
             """Back-propagate grad_out from out; add parameter gradients to `acc`, return the others."""
@@ -186,16 +214,16 @@ class _ChunkedCPLoss(torch.autograd.Function):
                     rest.append(g)
             return rest
 
-        for rows in _chunks(h.shape[0], ctx.chunk_tokens):
-            hc = h[rows].detach().requires_grad_(grad_h is not None)
-            first = [hc] if grad_h is not None else []
-            with torch.enable_grad():
-                log_w = _call(head, leaves, "gate_log_weights", hc)  # (rows, r)
-            # d(-sum_a gamma_a log w_a)/d log w = -gamma
-            grad_hc = accumulate(log_w, -scale[rows], first + wrt)
-            grad_hc = upcast(grad_hc[0]) if grad_hc and grad_hc[0] is not None else 0.0
+        def add(buf: Tensor | None, rows: slice, g: list[Tensor | None]) -> None:
+            if buf is not None and g and g[0] is not None:
+                buf[rows] += upcast(g[0])
+
+        # The components: every gathered row, this rank's components.
+        for rows in _chunks(h_all.shape[0], ctx.chunk_tokens):
+            hc = h_all[rows].detach().requires_grad_(need_h)
+            first = [hc] if need_h else []
             for s in range(head.horizon):
-                for a in range(head.rank):
+                for a in range(head.num_local_components):
                     with torch.enable_grad():
                         z = _call(head, leaves, "features", hc, a, s)  # (rows, d)
                         z_leaf = z.detach().requires_grad_(True)
@@ -206,23 +234,29 @@ class _ChunkedCPLoss(torch.autograd.Function):
                         # dropped where the target is missing.
                         g = upcast(logits).sub_(lse[rows, a, s].unsqueeze(-1)).exp_()
                         vocab.subtract_onehot_(g, tgt[rows, s])
-                        g *= (scale[rows, a] * valid[rows, s]).unsqueeze(-1)
+                        g *= (scale[rows, c0 + a] * valid[rows, s]).unsqueeze(-1)
                     (grad_z,) = accumulate(logits, g.to(logits.dtype), [z_leaf] + wrt + wrt_u)
                     # Each vocabulary shard contributes a partial sum to the features' gradient.
                     grad_z = vocab.all_reduce_(grad_z)
                     if z.requires_grad:
-                        g_h = accumulate(z, grad_z, first + wrt)
-                        grad_hc = grad_hc + (upcast(g_h[0]) if g_h and g_h[0] is not None else 0.0)
-            if grad_h is not None:
-                grad_h[rows] += grad_hc
+                        add(grad_h_all, rows, accumulate(z, grad_z, first + wrt))
+        grad_h = experts.sum_to_owner(grad_h_all, n_own) if need_h else None
+
+        # The gate (replicated): this rank's own rows.  d(-sum_a gamma_a log w_a) / d log w = -gamma
+        h_own = h_all[own]
+        for rows in _chunks(n_own, ctx.chunk_tokens):
+            hc = h_own[rows].detach().requires_grad_(need_h)
+            with torch.enable_grad():
+                log_w = _call(head, leaves, "gate_log_weights", hc)  # (rows, r)
+            add(grad_h, rows, accumulate(log_w, -scale[own][rows], ([hc] if need_h else []) + wrt))
 
         grad_params = [
             acc[id(leaves[k])].to(p.dtype) if p.requires_grad else None
             for k, p in zip(names, params, strict=True)
         ]
         grad_u = acc[id(u_leaf)].to(unembed.dtype) if wrt_u else None
-        grad_h = None if grad_h is None else grad_h.to(h.dtype)
-        return (None, None, None, None, None, None, None, grad_h, grad_u, *grad_params)
+        grad_h = None if grad_h is None else grad_h.to(h_all.dtype)
+        return (None, None, None, None, None, None, None, None, grad_h, grad_u, *grad_params)
 
 
 class _Method(torch.nn.Module):
@@ -252,17 +286,30 @@ def chunked_cp_loss(
     chunk_tokens: int = 4096,
     with_accuracy: bool = False,
     vocab: VocabShard = LOCAL,
+    experts: ExpertShard = LOCAL_EXPERTS,
 ) -> CPLossOutput:
     """Exact CP loss whose peak logit memory is (chunk_tokens, V_local); same values and gradients as
     `naive_cp_loss`.  h: (..., d); targets: (..., n). Under tensor parallelism the unembeddings hold
-    the vocabulary slice `vocab` and the loss is vocabulary-parallel."""
+    the vocabulary slice `vocab` and the loss is vocabulary-parallel; under expert parallelism the head
+    holds the components of `experts` and the ep group's rows are scored together (see
+    `parallel/experts.py`)."""
     h, targets = _check_inputs(head, h, targets)
     names, params = zip(*head.named_parameters(), strict=True)
     if head.parameterisation == "separate":
         shared_unembedding = None  # unused: it must receive no gradient (not even zeros)
     stats: dict[str, Tensor | None] = {}
     loss_sum, log_w, ell, gamma = _ChunkedCPLoss.apply(
-        head, names, targets, vocab, chunk_tokens, with_accuracy, stats, h, shared_unembedding, *params
+        head,
+        names,
+        targets,
+        vocab,
+        experts,
+        chunk_tokens,
+        with_accuracy,
+        stats,
+        h,
+        shared_unembedding,
+        *params,
     )
     return CPLossOutput(
         loss_sum=loss_sum, log_weights=log_w, component_logp=ell, responsibilities=gamma, **stats
@@ -279,10 +326,11 @@ def cp_loss(
     chunk_tokens: int = 4096,
     with_accuracy: bool = False,
     vocab: VocabShard = LOCAL,
+    experts: ExpertShard = LOCAL_EXPERTS,
 ) -> CPLossOutput:
     """Dispatch on `model.cp.loss_impl`."""
     if impl == "naive":
-        if vocab.world > 1:
+        if vocab.world > 1 or experts.world > 1:
             raise ValueError(
                 "model.cp.loss_impl='naive' is a single-device reference: use 'chunked' with tp > 1"
             )
@@ -296,6 +344,7 @@ def cp_loss(
             chunk_tokens=chunk_tokens,
             with_accuracy=with_accuracy,
             vocab=vocab,
+            experts=experts,
         )
     raise ValueError(f"model.cp.loss_impl={impl!r} is not one of 'chunked', 'naive'")
 
