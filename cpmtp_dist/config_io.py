@@ -521,6 +521,19 @@ def validate_config(
             "parallel.sequence_parallel=true needs: set seq_length to a multiple of parallel.tp"
         )
 
+    # --- what the parallel implementation requires ------------------------------------------------
+    if ok("parallel.tp", "parallel.ep", "model.cp.loss_impl") and (par.tp > 1 or par.ep > 1):
+        if cp.loss_impl == "naive":
+            problems.append(
+                "model.cp.loss_impl='naive' is a single-device reference: set it to 'chunked' when "
+                "parallel.tp or parallel.ep > 1"
+            )
+    if ok("parallel.ep", "optim.zero_stage") and par.ep > 1 and cfg.optim.zero_stage == 0:
+        problems.append(
+            f"parallel.ep={par.ep} needs optim.zero_stage >= 1 (DeepSpeed's ZeRO-0 gradient clipping mis-counts "
+            "components sharded over ranks): set optim.zero_stage to 1 or 2"
+        )
+
     if world_size is not None:
         if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
             problems.append(f"world_size={world_size!r} must be a positive integer (the number of processes)")
@@ -531,7 +544,17 @@ def validate_config(
                     f"world_size={world_size} is not divisible by parallel.tp * parallel.pp = {par.tp} * {par.pp} = "
                     f"{model_parallel}: launch a multiple of {model_parallel} processes or change parallel.tp / parallel.pp"
                 )
-            elif positive("train.global_batch_size", "train.micro_batch_size"):
+            else:
+                dp = world_size // model_parallel
+                if positive("parallel.ep") and dp % par.ep:
+                    problems.append(
+                        f"parallel.ep={par.ep} does not divide the data-parallel size dp = {dp} (world_size "
+                        f"{world_size} / (tp {par.tp} * pp {par.pp})): the components are shared out among "
+                        "data-parallel ranks, so set parallel.ep to a divisor of dp"
+                    )
+            if world_size % model_parallel == 0 and positive(
+                "train.global_batch_size", "train.micro_batch_size"
+            ):
                 dp = world_size // model_parallel
                 per_step = train.micro_batch_size * dp
                 if train.global_batch_size % per_step:

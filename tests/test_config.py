@@ -349,6 +349,17 @@ def test_bf16_allowed_with_cuda() -> None:
             "model.trunk.ffn_hidden_size=1001",
         ),
         ({}, 0, "world_size=0 must be a positive integer"),
+        (
+            {"model.cp.rank": 8, "parallel.ep": 4, "optim.zero_stage": 1},
+            2,
+            "parallel.ep=4 does not divide the data-parallel size dp = 2",
+        ),
+        ({"parallel.ep": 2}, None, "parallel.ep=2 needs optim.zero_stage >= 1"),
+        (
+            {"parallel.tp": 2, "model.cp.loss_impl": "naive"},
+            None,
+            "model.cp.loss_impl='naive' is a single-device reference",
+        ),
     ],
 )
 def test_layout_checks(changes: dict, world_size: int | None, expected: str) -> None:
@@ -363,7 +374,10 @@ def test_layout_checks(changes: dict, world_size: int | None, expected: str) -> 
     [
         ({"parallel.tp": 2, "parallel.pp": 2}, 8),  # dp = 2, 16 % (8 * 2) == 0
         ({"parallel.tp": 4, "parallel.sequence_parallel": True}, 4),  # dp = 1
-        ({"model.cp.rank": 8, "parallel.ep": 4}, 2),
+        (
+            {"model.cp.rank": 8, "parallel.ep": 4, "optim.zero_stage": 1, "train.micro_batch_size": 4},
+            4,
+        ),  # dp = 4
         ({"parallel.pp": 2, "train.micro_batch_size": 2}, 8),  # dp = 4, 16 % 8 == 0
     ],
 )

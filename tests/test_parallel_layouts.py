@@ -41,6 +41,9 @@ SEPARATE = ["model.cp.parameterisation=separate"]
 LAYOUTS = {
     "tp2": (2, ["parallel.tp=2"], []),
     "tp2_separate": (2, ["parallel.tp=2"], SEPARATE),
+    "ep2_zero1": (2, ["parallel.ep=2", "optim.zero_stage=1"], []),
+    "ep2_zero2_separate": (2, ["parallel.ep=2", "optim.zero_stage=2"], SEPARATE),
+    "tp2_ep2_zero1": (4, ["parallel.tp=2", "parallel.ep=2", "optim.zero_stage=1"], []),
     "dp2_zero1": (2, ["optim.zero_stage=1"], []),
     "dp2_zero2": (2, ["optim.zero_stage=2"], []),
 }

@@ -15,6 +15,7 @@ from cpmtp_dist.model.cp_head import IGNORE_INDEX, CPHead
 from cpmtp_dist.model.cp_loss import CPLossOutput, cp_loss, load_balancing_loss
 from cpmtp_dist.model.drafting import Draft, draft, next_token_log_probs
 from cpmtp_dist.model.trunk import build_trunk, trunk_hidden, unembedding_weight
+from cpmtp_dist.parallel.experts import LOCAL_EXPERTS, ExpertShard
 from cpmtp_dist.parallel.vocab import LOCAL, VocabShard
 
 
@@ -22,18 +23,26 @@ class CPModel(nn.Module):
     """Trunk + CP head. Attribute names (`trunk`, `head`) are the checkpoint's key prefixes."""
 
     def __init__(
-        self, cfg: ModelConfig, *, vocab: VocabShard = LOCAL, params_dtype: torch.dtype = torch.float32
+        self,
+        cfg: ModelConfig,
+        *,
+        vocab: VocabShard = LOCAL,
+        experts: ExpertShard = LOCAL_EXPERTS,
+        params_dtype: torch.dtype = torch.float32,
     ) -> None:
-        """`vocab` is this rank's slice of the vocabulary under tensor parallelism (all of it by default)."""
+        """`vocab` is this rank's slice of the vocabulary under tensor parallelism, `experts` its CP
+        components under expert parallelism (all of both by default)."""
         super().__init__()
         self.cfg = cfg
-        self.vocab = vocab
+        self.vocab, self.experts = vocab, experts
         v_local = cfg.trunk.vocab_size // vocab.world
+        r_local = cfg.cp.rank // experts.world
         self.trunk = build_trunk(cfg.trunk, params_dtype=params_dtype)
         self.head = CPHead(
             cfg.trunk.hidden_size,
             cfg.trunk.vocab_size,
             cfg.cp,
+            component_range=(experts.start, experts.start + r_local),
             vocab_range=(vocab.start, vocab.start + v_local),
             params_dtype=params_dtype,
         )
@@ -62,6 +71,7 @@ class CPModel(nn.Module):
             chunk_tokens=cp.chunk_tokens,
             with_accuracy=with_accuracy,
             vocab=self.vocab,
+            experts=self.experts,
         )
         if cp.aux_loss_weight > 0:
             # The gate once more with grad (the loss output's log-weights are detached): (N, r), cheap.
@@ -71,8 +81,8 @@ class CPModel(nn.Module):
         return out
 
     def _single_device(self) -> None:
-        if self.vocab.world > 1:
-            raise NotImplementedError("decoding runs in one process: load the checkpoint with tp = 1")
+        if self.vocab.world > 1 or self.experts.world > 1:
+            raise NotImplementedError("decoding runs in one process: load the checkpoint with tp = ep = 1")
 
     @torch.no_grad()
     def next_token_log_probs(self, tokens: Tensor) -> Tensor:

@@ -11,8 +11,19 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from cpmtp_dist.parallel.experts import ExpertShard
 from cpmtp_dist.parallel.state import ParallelGroups
 from cpmtp_dist.parallel.vocab import VocabShard
+
+
+def build_expert_shard(groups: ParallelGroups, rank: int) -> ExpertShard:
+    """This rank's CP components: r / ep consecutive ones, by position in the ep group."""
+    if groups.ep_size == 1:
+        return ExpertShard()
+    r_local = rank // groups.ep_size
+    return ExpertShard(
+        group=groups.ep_group, world=groups.ep_size, rank=groups.ep_rank, start=groups.ep_rank * r_local
+    )
 
 
 def build_vocab_shard(groups: ParallelGroups, vocab_size: int) -> VocabShard:
@@ -78,11 +89,12 @@ class DeepSpeedMPU:
 
 @torch.no_grad()
 def gather_full_state_dict(model: nn.Module, groups: ParallelGroups) -> dict[str, Tensor]:
-    """The state dict of the unsharded model, on every rank of the tensor-parallel group.
+    """The state dict of the unsharded model, on every rank.
 
     Tensor-parallel parameters (marked `tensor_model_parallel`, with `partition_dim`) are all-gathered
     over tp and concatenated; Megatron's fused layouts (e.g. QKV grouped per head) make that equal to
-    the tp = 1 layout. Collective over the tp group.
+    the tp = 1 layout. CP component tensors (marked `expert_parallel`) are then gathered over ep along
+    dimension 0. Collective over the tp and ep groups.
     """
     if groups.pp_size > 1:
         raise NotImplementedError("gathering a pipeline-parallel model is not available yet")
@@ -95,9 +107,12 @@ def gather_full_state_dict(model: nn.Module, groups: ParallelGroups) -> dict[str
                 raise NotImplementedError(f"{name}: strided tensor-parallel partitions are not supported")
             parts = [torch.empty_like(p) for _ in range(groups.tp_size)]
             dist.all_gather(parts, p.detach().contiguous(), group=groups.tp_group)
-            out[name] = torch.cat(parts, dim=p.partition_dim)
-        else:
-            out[name] = t.detach() if torch.is_tensor(t) else t
+            t = torch.cat(parts, dim=p.partition_dim)
+        if groups.ep_size > 1 and getattr(p, "expert_parallel", False):
+            parts = [torch.empty_like(t) for _ in range(groups.ep_size)]
+            dist.all_gather(parts, t.detach().contiguous(), group=groups.ep_group)
+            t = torch.cat(parts, dim=0)
+        out[name] = t.detach() if torch.is_tensor(t) else t
     return out
 
 

@@ -38,10 +38,11 @@ class ParallelGroups:
     dp_rank: int
     dp_size: int
     ep_group: dist.ProcessGroup
+    """Data-parallel ranks whose CP components together make all r (ep consecutive dp ranks)."""
     ep_rank: int
     ep_size: int
     expert_dp_group: dist.ProcessGroup
-    """Ranks holding the same expert shard: where expert gradients are averaged."""
+    """Data-parallel ranks holding the same components: where component gradients are reduced."""
     expert_dp_rank: int
     expert_dp_size: int
     mp_group: dist.ProcessGroup
@@ -83,8 +84,43 @@ def _init_process_group() -> str | None:
     return store_dir
 
 
-def _read_groups() -> ParallelGroups:
+def _build_expert_groups(ep: int) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
+    """The CP components' expert-parallel and expert-data-parallel groups, carved out of megatron's
+    data-parallel groups: within each dp group (ordered by dp rank), ep consecutive ranks form an ep
+    group, and ranks with the same position in their ep group form an expert-dp group.
+
+    Note: megatron's own expert groups (for MoE MLPs) span tensor-parallel ranks too, whose tokens are
+    identical; our components need peers with different tokens, so the groups are built here. Every
+    rank creates every group, in the same order, as `new_group` requires.
+    """
     ps = parallel_state
+    coords = [None] * dist.get_world_size()
+    me = (
+        ps.get_pipeline_model_parallel_rank(),
+        ps.get_tensor_model_parallel_rank(),
+        ps.get_data_parallel_rank(),
+    )
+    dist.all_gather_object(coords, me)
+    by_replica: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for rank, (pp, tp, dp) in enumerate(coords):
+        by_replica.setdefault((pp, tp), []).append((dp, rank))
+    ep_group = edp_group = None
+    for key in sorted(by_replica):
+        ranks = [r for _, r in sorted(by_replica[key])]
+        if len(ranks) % ep:
+            raise ValueError(f"parallel.ep={ep} does not divide the data-parallel size {len(ranks)}")
+        for i in range(0, len(ranks), ep):
+            g = dist.new_group(ranks[i : i + ep])
+            ep_group = g if dist.get_rank() in ranks[i : i + ep] else ep_group
+        for j in range(ep):
+            g = dist.new_group(ranks[j::ep])
+            edp_group = g if dist.get_rank() in ranks[j::ep] else edp_group
+    return ep_group, edp_group
+
+
+def _read_groups(ep: int) -> ParallelGroups:
+    ps = parallel_state
+    ep_group, edp_group = _build_expert_groups(ep)
     return ParallelGroups(
         rank=dist.get_rank(),
         world_size=dist.get_world_size(),
@@ -97,12 +133,12 @@ def _read_groups() -> ParallelGroups:
         dp_group=ps.get_data_parallel_group(),
         dp_rank=ps.get_data_parallel_rank(),
         dp_size=ps.get_data_parallel_world_size(),
-        ep_group=ps.get_expert_model_parallel_group(),
-        ep_rank=ps.get_expert_model_parallel_rank(),
-        ep_size=ps.get_expert_model_parallel_world_size(),
-        expert_dp_group=ps.get_expert_data_parallel_group(),
-        expert_dp_rank=ps.get_expert_data_parallel_rank(),
-        expert_dp_size=ps.get_expert_data_parallel_world_size(),
+        ep_group=ep_group,
+        ep_rank=dist.get_rank(ep_group),
+        ep_size=dist.get_world_size(ep_group),
+        expert_dp_group=edp_group,
+        expert_dp_rank=dist.get_rank(edp_group),
+        expert_dp_size=dist.get_world_size(edp_group),
         mp_group=ps.get_model_parallel_group(),
         mp_rank=dist.get_rank(ps.get_model_parallel_group()),
         is_first_stage=ps.is_pipeline_first_stage(),
@@ -153,12 +189,12 @@ def initialize_parallel(tp: int = 1, pp: int = 1, ep: int = 1, seed: int = 0) ->
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tp,
             pipeline_model_parallel_size=pp,
-            expert_model_parallel_size=ep,
-            # megatron defaults the expert TP size to tp; our experts (CP components) are never tensor-split.
+            # The CP components' expert groups are ours (see _build_expert_groups); no megatron MoE here.
+            expert_model_parallel_size=1,
             expert_tensor_parallel_size=1,
         )
         seed_parallel_rng(seed)
-        _session = _Session(groups=_read_groups(), owns_process_group=owns, store_dir=store_dir)
+        _session = _Session(groups=_read_groups(ep), owns_process_group=owns, store_dir=store_dir)
     except BaseException:
         # e.g. sizes that do not divide the world: leave nothing half-built behind.
         if parallel_state.model_parallel_is_initialized():

@@ -26,10 +26,16 @@ def build_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, 
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+    groups = [
+        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
     ]
+    if any(getattr(p, "allreduce", True) is False for p in decay + no_decay):
+        # Expert-parallel CP components get groups of their own (see parallel/deepspeed_experts.py).
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+        groups = split_params_into_different_moe_groups_for_optimizer(groups)
+    return [g for g in groups if g["params"]]
 
 
 def lr_multiplier(step: int, cfg: OptimConfig, total_steps: int) -> float:

@@ -27,8 +27,10 @@ from cpmtp_dist.data.loader import PackedSequenceLoader, eval_batches, make_targ
 from cpmtp_dist.model.cp_head import IGNORE_INDEX
 from cpmtp_dist.model.cp_loss import CPLossOutput
 from cpmtp_dist.model.cp_model import CPModel
+from cpmtp_dist.parallel.deepspeed_experts import apply_deepspeed_expert_parallel
 from cpmtp_dist.parallel.layout import (
     DeepSpeedMPU,
+    build_expert_shard,
     build_vocab_shard,
     gather_full_state_dict,
     global_grad_norm,
@@ -64,7 +66,10 @@ def build_model(
     tensors are drawn whole and sliced, so every layout starts from the single-process weights."""
     torch.manual_seed(cfg.train.seed)
     vocab = build_vocab_shard(groups, cfg.model.trunk.vocab_size)
-    return CPModel(cfg.model, vocab=vocab, params_dtype=params_dtype).to(device)
+    experts = build_expert_shard(groups, cfg.model.cp.rank)
+    model = CPModel(cfg.model, vocab=vocab, experts=experts, params_dtype=params_dtype).to(device)
+    apply_deepspeed_expert_parallel(model, groups)
+    return model
 
 
 def build_data(cfg: Config) -> BuiltinData:
@@ -228,15 +233,11 @@ def optimizer_state_bytes(engine: Any) -> int:
 # --------------------------------------------------------------------------------------------------
 def train(cfg: Config, run_dir: Path) -> TrainResult:
     """Train `cfg` and write the run directory (config, metrics, checkpoints)."""
-    par = cfg.parallel
-    if par.pp > 1 or par.ep > 1 or par.sequence_parallel:
+    par = cfg.parallel  # validated by config_io.validate_config before any group exists
+    if par.pp > 1 or par.sequence_parallel:
         raise NotImplementedError(
-            f"parallel.pp={par.pp}, parallel.ep={par.ep}, parallel.sequence_parallel={par.sequence_parallel}: "
-            "pipeline, expert and sequence parallelism are not available yet; use tp and data parallelism"
-        )
-    if par.tp > 1 and cfg.model.cp.loss_impl == "naive":
-        raise ValueError(
-            "model.cp.loss_impl='naive' is a single-device reference: use 'chunked' with parallel.tp > 1"
+            f"parallel.pp={par.pp}, parallel.sequence_parallel={par.sequence_parallel}: pipeline and sequence "
+            "parallelism are not available yet; set parallel.pp=1 and parallel.sequence_parallel=false"
         )
     groups = initialize_parallel(par.tp, par.pp, par.ep, seed=cfg.train.seed)
     is_logger = groups.rank == 0
