@@ -14,27 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from parity_config import PARITY
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 5
-SMALL = [
-    "model.trunk.num_layers=2",
-    "model.trunk.hidden_size=32",
-    "model.trunk.num_attention_heads=4",
-    "model.trunk.seq_length=32",
-    "model.trunk.vocab_size=512",
-    "model.cp.horizon=3",
-    "model.cp.rank=2",
-    "data.tokenizer_vocab_size=512",
-    "data.max_chars=300000",
-    f"train.steps={STEPS}",
-    "train.global_batch_size=8",
-    "train.micro_batch_size=2",
-    "train.log_every=1",
-    "train.eval_batches=2",
-    "optim.eps=1e-5",  # see tests/test_trainer.py: keeps Adam from amplifying rounding noise
-    "checkpoint.every=0",
-]
+SMALL = [*PARITY, f"train.steps={STEPS}", "train.micro_batch_size=2", "train.eval_batches=2"]
 
 SEPARATE = ["model.cp.parameterisation=separate"]
 # name: (processes, layout settings, model settings: the single-process reference runs with these)
