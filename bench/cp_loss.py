@@ -35,6 +35,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling helpers (report.py)
+from report import write_section  # noqa: E402
+
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
@@ -307,19 +310,8 @@ def markdown(rows: list[dict], args: argparse.Namespace, command: str) -> str:
 
 
 def write_markdown(path: Path, section: str) -> None:
-    block = f"{BEGIN}\n{section}{END}\n"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(f"# Benchmarks\n\n{block}")
-        return
-    text = path.read_text()
-    i, j = text.find(BEGIN), text.find(END)
-    if i >= 0 and j > i:
-        rest = text[j + len(END) :]
-        text = text[:i] + block.rstrip("\n") + rest
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    path.write_text(text)
+    """Put `section` between this benchmark's markers in `path`."""
+    write_section(path, BEGIN, END, section)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,6 +47,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling helpers (report.py)
+from report import write_section  # noqa: E402
+
 CONFIG = "configs/tiny.yaml"
 BEGIN, END = "<!-- parallel:begin -->", "<!-- parallel:end -->"
 
@@ -290,19 +293,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 
 def write_markdown(path: Path, section: str) -> None:
-    """Puts `section` between the parallel markers of `path`, leaving the rest of the file untouched."""
-    block = f"{BEGIN}\n{section}{END}\n"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(f"# Benchmarks\n\n{block}")
-        return
-    text = path.read_text()
-    i, j = text.find(BEGIN), text.find(END)
-    if i >= 0 and j > i:
-        text = text[:i] + block.rstrip("\n") + text[j + len(END) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    path.write_text(text)
+    """Put `section` between this benchmark's markers in `path`."""
+    write_section(path, BEGIN, END, section)
 
 
 def model_summary(run_dir: Path) -> str:

@@ -72,18 +72,6 @@ def test_quick_benchmark_rows(tmp_path: Path) -> None:
     assert "not available yet" in text and "python bench/parallel.py --quick" in text
 
 
-def test_markdown_section_is_replaced_in_place(tmp_path: Path) -> None:
-    bench = load_bench()
-    path = tmp_path / "B.md"
-    bench.write_markdown(path, "first\n")
-    path.write_text("intro\n\n" + path.read_text() + "\n## Other\nkept\n")
-    bench.write_markdown(path, "second\n")
-    text = path.read_text()
-    assert "first" not in text and "second" in text
-    assert text.startswith("intro\n") and text.endswith("## Other\nkept\n")
-    assert text.count(bench.BEGIN) == 1 and text.count(bench.END) == 1
-
-
 def test_threads_per_process() -> None:
     bench = load_bench()
     assert [bench.threads_per_process(p, 2) for p in (1, 2, 4)] == [2, 1, 1]
