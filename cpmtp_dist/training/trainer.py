@@ -93,13 +93,13 @@ def forward_backward(
     tokens: torch.Tensor,
     targets: torch.Tensor,
     *,
-    scale: float,
+    scale: torch.Tensor,
     aux_weight: float,
     with_accuracy: bool,
 ) -> tuple[CPLossOutput, torch.Tensor]:
     """One micro-batch: forward, normalised loss, backward. Returns the loss output and L_aux."""
     out: CPLossOutput = engine(tokens, targets, with_accuracy=with_accuracy)
-    loss = out.loss_sum * scale
+    loss = out.loss_sum * scale.to(out.loss_sum.dtype)
     aux = torch.zeros((), device=tokens.device)
     if out.aux_loss is not None:
         aux = out.aux_loss
@@ -114,18 +114,19 @@ def train_step(
     cfg: Config,
     groups: ParallelGroups,
     *,
-    with_accuracy: bool,
+    log_now: bool,
 ) -> dict[str, Any]:
-    """One optimizer step over this rank's micro-batches; returns the step's metrics (global)."""
+    """One optimizer step over this rank's micro-batches. On logging steps it returns the step's
+    metrics (reduced over dp); otherwise {} and no host synchronisation beyond DeepSpeed's own."""
     n = cfg.model.cp.horizon
     device = next(engine.module.parameters()).device
     pairs = [make_targets(mb.to(device), n, IGNORE_INDEX) for mb in micro_batches]
-    count = torch.stack([(tg != IGNORE_INDEX).any(-1).sum() for _, tg in pairs]).sum().float()
+    count = torch.stack([(tg != IGNORE_INDEX).any(-1).sum() for _, tg in pairs]).sum().double()
     if groups.dp_size > 1:
         dist.all_reduce(count, group=groups.dp_group)
-    scale = groups.dp_size / count.item()
+    scale = groups.dp_size / count  # a tensor: no host sync
     sums = _StatSums(n, cfg.model.cp.rank, device)
-    local_norm = None
+    norm = None
     for i, (tokens, targets) in enumerate(pairs):
         out, aux = forward_backward(
             engine,
@@ -133,14 +134,16 @@ def train_step(
             targets,
             scale=scale,
             aux_weight=cfg.model.cp.aux_loss_weight,
-            with_accuracy=with_accuracy,
+            with_accuracy=log_now,
         )
         sums.add(out, aux)
-        if i == len(pairs) - 1 and engine.zero_optimization_stage() == 0 and with_accuracy:
+        if log_now and i == len(pairs) - 1 and engine.zero_optimization_stage() == 0:
             # Without ZeRO, DeepSpeed clips but does not keep the norm: measure it before the step.
-            local_norm = global_grad_norm(engine.module, groups)
+            norm = global_grad_norm(engine.module, groups)
         engine.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
-    norm = engine.get_global_grad_norm() if local_norm is None else local_norm
+    if not log_now:
+        return {}
+    norm = engine.get_global_grad_norm() if norm is None else norm
     return sums.reduce(groups, num_micro=len(pairs)) | {
         "grad_norm": float("nan") if norm is None else float(norm)
     }
@@ -311,7 +314,7 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
     tic = time.perf_counter()
     for step in range(1, t.steps + 1):
         log_now = step % t.log_every == 0 or step == t.steps
-        metrics = train_step(engine, loader.next_step(), cfg, groups, with_accuracy=log_now)
+        metrics = train_step(engine, loader.next_step(), cfg, groups, log_now=log_now)
         if log_now:
             if device.type == "cuda":
                 torch.cuda.synchronize()
