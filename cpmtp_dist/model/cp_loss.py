@@ -141,7 +141,7 @@ class _ChunkedCPLoss(torch.autograd.Function):
         log_w = torch.empty(n_rows, head.rank, dtype=ldt, device=h.device)
         target_logp = torch.zeros(n_rows, r_loc, n, dtype=ldt, device=h.device)
         lse = torch.empty(n_rows, r_loc, n, dtype=ldt, device=h.device)  # log-normalisers, reused in backward
-        correct = torch.zeros(n, dtype=torch.long, device=h.device) if with_accuracy else None
+        hits = torch.zeros(n_rows, n, dtype=torch.bool, device=h.device)  # argmax of the s-th marginal right
         tgt = targets_all.clamp_min(0)
         for rows in _chunks(n_rows, chunk_tokens):
             hc = h_all[rows]
@@ -158,12 +158,7 @@ class _ChunkedCPLoss(torch.autograd.Function):
                 if with_accuracy:
                     # Metrics only (log steps): the mixture over components needs an (rows, V_local) sum.
                     mix = experts.all_reduce_(mix)
-                    hit = (vocab.argmax(mix) == targets_all[rows, s]) & valid[rows, s]
-                    in_own = torch.zeros_like(hit)
-                    lo, hi = max(rows.start, own.start), min(rows.stop, own.stop)
-                    if lo < hi:
-                        in_own[lo - rows.start : hi - rows.start] = True
-                    correct[s] += (hit & in_own).sum()
+                    hits[rows, s] = (vocab.argmax(mix) == targets_all[rows, s]) & valid[rows, s]
         target_logp *= valid.unsqueeze(1)
         target_logp = experts.gather_cols(target_logp)  # (N_all, r, n): every component's factors
         nll, ell, gamma, has_target, head_nll = _finish(log_w, target_logp, valid)
@@ -180,7 +175,7 @@ class _ChunkedCPLoss(torch.autograd.Function):
         ctx.mark_non_differentiable(ell, gamma_own, log_w)
         # Statistics leave through a plain dict: they need no gradient and exist under no_grad too.
         stats.update(num_positions=has_target[own].sum(), head_nll_sum=head_nll[own].sum(0))
-        stats.update(head_count=valid[own].sum(0), head_correct=correct)
+        stats.update(head_count=valid[own].sum(0), head_correct=hits[own].sum(0) if with_accuracy else None)
         return nll[own].sum(), log_w, ell, gamma_own
 
     @staticmethod
