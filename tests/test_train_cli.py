@@ -130,3 +130,30 @@ def test_an_unknown_setting_names_the_key_and_suggests(tmp_path):
     res = cpmtp("train", "--config", "configs/tiny.yaml", "model.cp.rnak=2", cache=tmp_path)
     assert res.returncode == 2
     assert "rnak" in res.stderr and "rank" in res.stderr
+
+
+def test_an_invalid_layout_fails_before_any_process_group(tmp_path):
+    # As torchrun would launch rank 0 of 3 processes; no peer exists, so reaching init_process_group
+    # would hang instead of failing: the layout must be refused first.
+    env = {"WORLD_SIZE": "3", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launchers.cli",
+            "train",
+            "--config",
+            "configs/tiny.yaml",
+            "parallel.tp=2",
+            "parallel.ep=2",
+            "optim.zero_stage=0",
+        ],
+        cwd=ROOT,
+        env={**os.environ, **env, "CPMTP_CACHE_DIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "world_size=3 is not divisible by parallel.tp * parallel.pp" in res.stderr
+    assert "parallel.ep=2 needs optim.zero_stage >= 1" in res.stderr
