@@ -231,10 +231,17 @@ class _ChunkedCPLoss(torch.autograd.Function):
                         vocab.subtract_onehot_(g, tgt[rows, s])
                         g *= (scale[rows, c0 + a] * valid[rows, s]).unsqueeze(-1)
                     (grad_z,) = accumulate(logits, g.to(logits.dtype), [z_leaf] + wrt + wrt_u)
-                    # Each vocabulary shard contributes a partial sum to the features' gradient.
-                    grad_z = vocab.all_reduce_(grad_z)
+                    # Under tp this is one vocabulary shard's partial sum. Everything computed from it
+                    # (the gradients of h and of phi) is linear in it, so those are summed over the
+                    # shards once at the end: O(tokens * d + |phi|) per step instead of per factor.
                     if z.requires_grad:
                         add(grad_h_all, rows, accumulate(z, grad_z, first + wrt))
+        if vocab.world > 1:
+            if need_h:
+                vocab.all_reduce_(grad_h_all)
+            for k in names:
+                if not k.startswith("gate.") and k != "unembed" and id(leaves[k]) in acc:
+                    vocab.all_reduce_(acc[id(leaves[k])])  # phi: fed by the partial feature gradients
         grad_h = experts.sum_to_owner(grad_h_all, n_own) if need_h else None
 
         # The gate (replicated): this rank's own rows.  d(-sum_a gamma_a log w_a) / d log w = -gamma

@@ -4,8 +4,9 @@ Under tp > 1 every unembedding (the tied `U`, or `U_a^(s)` under `separate`) is 
 vocabulary: rank k holds rows [k V/tp, (k+1) V/tp) and computes only those logits. The CP loss needs
 three global quantities per factor and position, each one all-reduce of O(rows) numbers: the
 log-normaliser, the target logit, and (for accuracy) the argmax. The gradient of the features that
-feed the unembedding is a partial sum on each rank and is all-reduced once per factor (O(rows * d)).
-Logits themselves never cross ranks.
+feed the unembedding is a partial sum on each rank; what is computed from it (the gradients of h and
+of the phi maps) is linear in it, so the loss sums those over the shards once per step: O(tokens * d)
+plus the size of phi. Logits themselves never cross ranks.
 
 `VocabShard()` (one rank, the whole vocabulary) does no communication, so the loss code is the same
 on one device.
