@@ -157,16 +157,7 @@ def run_case(args: argparse.Namespace) -> dict:
         peak = torch.cuda.max_memory_allocated(device)
     else:
         peak = peak_rss_bytes()
-    return {
-        "impl": impl,
-        "n": n,
-        "r": r,
-        "nr": nr,
-        "tokens": args.tokens,
-        "vocab": args.vocab,
-        "hidden": args.hidden,
-        "device": args.device,
-        "dtype": args.dtype,
+    return base_row(args, impl, nr) | {
         "chunk_tokens": chunk_tokens if impl == "chunked" else None,
         "time_s_median": statistics.median(times),
         "times_s": times,
