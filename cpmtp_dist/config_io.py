@@ -533,6 +533,18 @@ def validate_config(
             f"parallel.ep={par.ep} needs optim.zero_stage >= 1 (DeepSpeed's ZeRO-0 gradient clipping mis-counts "
             "components sharded over ranks): set optim.zero_stage to 1 or 2"
         )
+    if ok("optim.zero_stage") and cfg.optim.zero_stage == 3:
+        problems.append(
+            "optim.zero_stage=3 is not supported: the chunked CP loss recomputes the head's factors during "
+            "the backward pass, after ZeRO-3 has released the head's parameters; set optim.zero_stage to 1 "
+            "(optimizer states sharded over dp) or 2 (optimizer states and gradients)"
+        )
+    elif ok("parallel.pp", "optim.zero_stage") and par.pp > 1 and cfg.optim.zero_stage not in (1, 2):
+        problems.append(
+            f"parallel.pp={par.pp} needs optim.zero_stage 1 or 2 (got {cfg.optim.zero_stage}): DeepSpeed's "
+            "ZeRO-0 gradient clipping leaves out the parameters of the last pipeline stage; set "
+            "optim.zero_stage to 1 or 2"
+        )
 
     if world_size is not None:
         if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:

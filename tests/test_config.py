@@ -304,10 +304,12 @@ def test_bf16_allowed_with_cuda() -> None:
     ("changes", "world_size", "expected"),
     [
         (
-            {"parallel.tp": 2, "parallel.pp": 2},
+            {"parallel.tp": 2, "parallel.pp": 2, "optim.zero_stage": 1},
             6,
             "world_size=6 is not divisible by parallel.tp * parallel.pp = 2 * 2 = 4",
         ),
+        ({"parallel.pp": 2}, None, "parallel.pp=2 needs optim.zero_stage 1 or 2 (got 0)"),
+        ({"optim.zero_stage": 3}, None, "optim.zero_stage=3 is not supported"),
         (
             {"parallel.tp": 3},
             None,
@@ -372,13 +374,13 @@ def test_layout_checks(changes: dict, world_size: int | None, expected: str) -> 
 @pytest.mark.parametrize(
     ("changes", "world_size"),
     [
-        ({"parallel.tp": 2, "parallel.pp": 2}, 8),  # dp = 2, 16 % (8 * 2) == 0
+        ({"parallel.tp": 2, "parallel.pp": 2, "optim.zero_stage": 1}, 8),  # dp = 2, 16 % (8 * 2) == 0
         ({"parallel.tp": 4, "parallel.sequence_parallel": True}, 4),  # dp = 1
         (
             {"model.cp.rank": 8, "parallel.ep": 4, "optim.zero_stage": 1, "train.micro_batch_size": 4},
             4,
         ),  # dp = 4
-        ({"parallel.pp": 2, "train.micro_batch_size": 2}, 8),  # dp = 4, 16 % 8 == 0
+        ({"parallel.pp": 2, "optim.zero_stage": 2, "train.micro_batch_size": 2}, 8),  # dp = 4, 16 % 8 == 0
     ],
 )
 def test_valid_layouts_pass(changes: dict, world_size: int) -> None:
@@ -388,7 +390,7 @@ def test_valid_layouts_pass(changes: dict, world_size: int) -> None:
 
 def test_world_size_batch_check_skipped_when_layout_already_wrong() -> None:
     # Only the root cause is reported: the dp-based batch check needs a valid tp * pp split.
-    cfg = load_config(None, ["parallel.tp=2", "parallel.pp=2"])
+    cfg = load_config(None, ["parallel.tp=2", "parallel.pp=2", "optim.zero_stage=1"])
     problems = _problems(cfg, 6)
     assert len(problems) == 1 and "world_size=6" in problems[0]
 

@@ -11,8 +11,15 @@ from megatron.core.tensor_parallel import mappings
 from megatron.core.tensor_parallel import random as mrandom
 
 from cpmtp_dist.config import TrunkConfig
-from cpmtp_dist.model.trunk import build_trunk, trunk_hidden, unembedding_weight
+from cpmtp_dist.model.trunk import (
+    build_trunk,
+    global_param_name,
+    init_trunk_weights,
+    trunk_hidden,
+    unembedding_weight,
+)
 from cpmtp_dist.parallel.megatron_compat import maybe_apply_cpu_compat
+from cpmtp_dist.parallel.pipeline import PipelineStage
 from cpmtp_dist.parallel.state import ParallelGroups, destroy_parallel, initialize_parallel
 
 CFG = TrunkConfig(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=16, vocab_size=128)
@@ -46,6 +53,49 @@ def test_single_process_groups(groups: ParallelGroups) -> None:
     assert groups.sizes == (1, 1, 1) and groups.dp_size == 1 and groups.expert_dp_size == 1
     assert groups.is_first_stage and groups.is_last_stage
     assert initialize_parallel(seed=3) is groups  # idempotent: same sizes -> the same object
+
+
+def test_global_param_name_of_pipeline_stages() -> None:
+    last = PipelineStage(rank=1, size=2)
+    assert (
+        global_param_name("decoder.layers.0.mlp.linear_fc1.weight", last, 4)
+        == "decoder.layers.2.mlp.linear_fc1.weight"
+    )
+    assert (
+        global_param_name("decoder.layers.1.input_layernorm.weight", last, 4)
+        == "decoder.layers.3.input_layernorm.weight"
+    )
+    assert global_param_name("output_layer.weight", last, 4) == "embedding.word_embeddings.weight"
+    assert global_param_name("decoder.final_layernorm.weight", last, 4) == "decoder.final_layernorm.weight"
+    first = PipelineStage(rank=0, size=2)
+    assert (
+        global_param_name("decoder.layers.1.mlp.linear_fc2.weight", first, 4)
+        == "decoder.layers.1.mlp.linear_fc2.weight"
+    )
+
+
+def test_init_trunk_weights_depend_on_seed_and_name_only(groups: ParallelGroups) -> None:
+    def weights(generator_seed: int, seed: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(generator_seed)  # the construction's own draws must not matter
+        model = build_trunk(CFG)
+        init_trunk_weights(model, CFG, seed, PipelineStage())
+        return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+    a, b, c = weights(1, seed=5), weights(2, seed=5), weights(1, seed=6)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert not torch.equal(
+        a["decoder.layers.0.mlp.linear_fc1.weight"], c["decoder.layers.0.mlp.linear_fc1.weight"]
+    )
+    # Layers differ from each other; the output projections use megatron's std / sqrt(2 L).
+    assert not torch.equal(
+        a["decoder.layers.0.mlp.linear_fc1.weight"], a["decoder.layers.1.mlp.linear_fc1.weight"]
+    )
+    std_in = a["decoder.layers.0.mlp.linear_fc1.weight"].std().item()
+    std_out = a["decoder.layers.0.mlp.linear_fc2.weight"].std().item()
+    assert std_in == pytest.approx(CFG.init_method_std, rel=0.05)
+    assert std_out == pytest.approx(CFG.init_method_std / (2 * CFG.num_layers) ** 0.5, rel=0.05)
+    assert torch.equal(a["decoder.final_layernorm.weight"], torch.ones(CFG.hidden_size))
 
 
 @torch.no_grad()

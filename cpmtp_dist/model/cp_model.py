@@ -14,13 +14,27 @@ from cpmtp_dist.config import ModelConfig
 from cpmtp_dist.model.cp_head import IGNORE_INDEX, CPHead
 from cpmtp_dist.model.cp_loss import CPLossOutput, cp_loss, load_balancing_loss
 from cpmtp_dist.model.drafting import Draft, draft, next_token_log_probs
-from cpmtp_dist.model.trunk import build_trunk, trunk_hidden, unembedding_weight
+from cpmtp_dist.model.trunk import (
+    TIED_COPY,
+    build_trunk,
+    global_param_name,
+    init_trunk_weights,
+    stage_forward,
+    trunk_hidden,
+    unembedding_weight,
+)
 from cpmtp_dist.parallel.experts import LOCAL_EXPERTS, ExpertShard
+from cpmtp_dist.parallel.pipeline import SINGLE_STAGE, PipelineStage
+from cpmtp_dist.parallel.sequence import gather_sequence
 from cpmtp_dist.parallel.vocab import LOCAL, VocabShard
 
 
 class CPModel(nn.Module):
-    """Trunk + CP head. Attribute names (`trunk`, `head`) are the checkpoint's key prefixes."""
+    """Trunk + CP head. Attribute names (`trunk`, `head`) are the checkpoint's key prefixes.
+
+    Under pipeline parallelism a `CPModel` is one stage: its part of the trunk, and the head on the last
+    stage only (`head` is None elsewhere).
+    """
 
     def __init__(
         self,
@@ -28,24 +42,48 @@ class CPModel(nn.Module):
         *,
         vocab: VocabShard = LOCAL,
         experts: ExpertShard = LOCAL_EXPERTS,
+        stage: PipelineStage = SINGLE_STAGE,
         params_dtype: torch.dtype = torch.float32,
+        sequence_parallel: bool = False,
+        seed: int | None = None,
     ) -> None:
         """`vocab` is this rank's slice of the vocabulary under tensor parallelism, `experts` its CP
-        components under expert parallelism (all of both by default)."""
+        components under expert parallelism (all of both by default), `stage` its pipeline stage;
+        `sequence_parallel` shards the trunk's activations over the sequence (tp > 1).
+
+        With `seed`, the weights are a function of the seed alone, whatever the layout: the trunk's are
+        drawn per parameter name (`init_trunk_weights`), the head's from a generator seeded apart from
+        the trunk's construction. Without it, they come from the default generator's current state.
+        """
         super().__init__()
         self.cfg = cfg
-        self.vocab, self.experts = vocab, experts
+        self.vocab, self.experts, self.stage = vocab, experts, stage
+        self.sequence_parallel = sequence_parallel
         v_local = cfg.trunk.vocab_size // vocab.world
         r_local = cfg.cp.rank // experts.world
-        self.trunk = build_trunk(cfg.trunk, params_dtype=params_dtype)
-        self.head = CPHead(
-            cfg.trunk.hidden_size,
-            cfg.trunk.vocab_size,
-            cfg.cp,
-            component_range=(experts.start, experts.start + r_local),
-            vocab_range=(vocab.start, vocab.start + v_local),
-            params_dtype=params_dtype,
-        )
+        with torch.random.fork_rng(devices=[], enabled=seed is not None):
+            self.trunk = build_trunk(
+                cfg.trunk,
+                pre_process=stage.is_first,
+                post_process=stage.is_last,
+                params_dtype=params_dtype,
+                sequence_parallel=sequence_parallel,
+            )
+            if seed is not None:
+                init_trunk_weights(self.trunk, cfg.trunk, seed, stage)
+        self.head: CPHead | None = None
+        if stage.is_last:
+            with torch.random.fork_rng(devices=[], enabled=seed is not None):
+                if seed is not None:
+                    torch.manual_seed(seed)
+                self.head = CPHead(
+                    cfg.trunk.hidden_size,
+                    cfg.trunk.vocab_size,
+                    cfg.cp,
+                    component_range=(experts.start, experts.start + r_local),
+                    vocab_range=(vocab.start, vocab.start + v_local),
+                    params_dtype=params_dtype,
+                )
 
     def hidden(self, tokens: Tensor) -> Tensor:
         """Final hidden states (B, T, d) of `tokens` (B, T)."""
@@ -55,12 +93,38 @@ class CPModel(nn.Module):
         """The trunk's tied (V, d) unembedding, shared by the `shared` parameterisation."""
         return unembedding_weight(self.trunk)
 
+    def global_name(self, name: str) -> str | None:
+        """The single-stage model's name of this stage's state-dict key `name`; None for the last
+        stage's copy of the tied unembedding (the first stage holds the parameter)."""
+        if self.stage.size == 1 or not name.startswith("trunk."):
+            return name
+        local = name.removeprefix("trunk.")
+        if local == TIED_COPY:
+            return None
+        return "trunk." + global_param_name(local, self.stage, self.cfg.trunk.num_layers)
+
+    def stage_output(self, tokens: Tensor) -> Tensor:
+        """This pipeline stage's output [T, B, d] (sequence-first, as megatron passes it between stages;
+        [T / tp, B, d] under sequence parallelism)."""
+        return stage_forward(self.trunk, tokens)
+
     def forward(self, tokens: Tensor, targets: Tensor, with_accuracy: bool = False) -> CPLossOutput:
         """CP loss of `tokens` (B, T) against `targets` (B, T, n) (IGNORE_INDEX where missing).
 
         With `model.cp.aux_loss_weight > 0` the output also carries the load-balancing loss.
         """
-        h = self.hidden(tokens)  # (B, T, d)
+        return self.loss_from_output(self.stage_output(tokens), targets, with_accuracy=with_accuracy)
+
+    def loss_from_output(self, output: Tensor, targets: Tensor, with_accuracy: bool = False) -> CPLossOutput:
+        """CP loss of the last stage's output [T, B, d] (sequence-sharded under sequence parallelism)."""
+        if self.sequence_parallel:
+            output = gather_sequence(output)
+        return self.head_loss(output.transpose(0, 1), targets, with_accuracy=with_accuracy)
+
+    def head_loss(self, h: Tensor, targets: Tensor, with_accuracy: bool = False) -> CPLossOutput:
+        """CP loss of the final hidden states `h` (B, T, d) against `targets` (B, T, n): the last stage."""
+        if self.head is None:
+            raise ValueError("only the last pipeline stage holds the CP head")
         cp = self.cfg.cp
         out = cp_loss(
             self.head,
@@ -81,8 +145,10 @@ class CPModel(nn.Module):
         return out
 
     def _single_device(self) -> None:
-        if self.vocab.world > 1 or self.experts.world > 1:
-            raise NotImplementedError("decoding runs in one process: load the checkpoint with tp = ep = 1")
+        if self.vocab.world > 1 or self.experts.world > 1 or self.stage.size > 1 or self.sequence_parallel:
+            raise NotImplementedError(
+                "decoding runs in one process: load the checkpoint with tp = pp = ep = 1"
+            )
 
     @torch.no_grad()
     def next_token_log_probs(self, tokens: Tensor) -> Tensor:

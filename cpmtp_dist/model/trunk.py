@@ -7,19 +7,30 @@ internally ([T, B, d]); everything returned here is batch-first.
 
 from __future__ import annotations
 
+import math
+import re
+import zlib
+
 import torch
 import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from torch import Tensor
 
 from cpmtp_dist.config import TrunkConfig
+from cpmtp_dist.parallel.pipeline import PipelineStage
+from cpmtp_dist.parallel.sequence import SequenceParallelNorm
 from cpmtp_dist.parallel.state import get_parallel_groups
 
 
 def make_transformer_config(
-    cfg: TrunkConfig, *, params_dtype: torch.dtype = torch.float32, use_cpu_initialization: bool = True
+    cfg: TrunkConfig,
+    *,
+    params_dtype: torch.dtype = torch.float32,
+    use_cpu_initialization: bool = True,
+    sequence_parallel: bool = False,
 ) -> TransformerConfig:
     """Megatron ``TransformerConfig`` for the trunk, sized for the current parallel layout."""
     groups = get_parallel_groups()
@@ -39,6 +50,7 @@ def make_transformer_config(
         # Megatron reads these sizes from the config (e.g. layers per pipeline stage), not from the groups.
         tensor_model_parallel_size=groups.tp_size,
         pipeline_model_parallel_size=groups.pp_size,
+        sequence_parallel=sequence_parallel,
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
@@ -65,19 +77,32 @@ def build_trunk(
     post_process: bool = True,
     params_dtype: torch.dtype = torch.float32,
     use_cpu_initialization: bool = True,
+    sequence_parallel: bool = False,
 ) -> GPTModel:
     """Build the trunk on the current parallel layout (``initialize_parallel`` must have run).
 
     ``pre_process`` / ``post_process`` select the embedding / final-norm-and-output ends (pipeline stages).
-    The weights come from the default torch generator: seed it (``initialize_parallel(seed=...)`` does) to
-    get reproducible weights.
+    ``sequence_parallel`` (tp > 1) shards the activations outside the matmuls over the sequence; the norms
+    are then ``SequenceParallelNorm``. The weights come from the default torch generator: seed it
+    (``initialize_parallel(seed=...)`` does) or call ``init_trunk_weights`` to get reproducible weights.
     """
     config = make_transformer_config(
-        cfg, params_dtype=params_dtype, use_cpu_initialization=use_cpu_initialization
+        cfg,
+        params_dtype=params_dtype,
+        use_cpu_initialization=use_cpu_initialization,
+        sequence_parallel=sequence_parallel,
     )
+    spec = get_gpt_layer_local_spec(normalization=cfg.normalization)
+    if sequence_parallel:
+        spec.submodules.input_layernorm = SequenceParallelNorm
+        spec.submodules.pre_mlp_layernorm = SequenceParallelNorm
+        layers_per_stage = cfg.num_layers // get_parallel_groups().pp_size
+        spec = TransformerBlockSubmodules(
+            layer_specs=[spec] * layers_per_stage, layer_norm=SequenceParallelNorm
+        )
     model = GPTModel(
         config=config,
-        transformer_layer_spec=get_gpt_layer_local_spec(normalization=cfg.normalization),
+        transformer_layer_spec=spec,
         vocab_size=cfg.vocab_size,
         max_sequence_length=cfg.seq_length,
         pre_process=pre_process,
@@ -95,20 +120,16 @@ def build_trunk(
     return model
 
 
-def trunk_hidden(model: GPTModel, tokens: Tensor) -> Tensor:
-    """Final hidden states of the trunk (after the final norm) for ``tokens`` (B, T) int64 -> (B, T, d).
+def stage_forward(model: GPTModel, tokens: Tensor) -> Tensor:
+    """This pipeline stage's output for ``tokens`` (B, T) int64, sequence-first [T, B, d].
 
     Runs megatron's own pieces in the order ``GPTModel.forward`` does, minus the output layer:
-    ``_preprocess`` (embedding [T, B, d] and the RoPE table for T positions), then ``decoder``
-    (the layers and, as ``post_process``, the final norm). Attention is causal by the layer spec
-    (``AttnMaskType.causal``): with ``attention_mask=None`` megatron builds the upper-triangular mask itself.
+    ``_preprocess`` (on the first stage the embedding [T, B, d]; everywhere the RoPE table for T positions),
+    then ``decoder`` (this stage's layers and, on the last stage, the final norm). A later stage's decoder
+    reads the previous stage's output, which megatron's schedule hands it through ``model.set_input_tensor``.
+    Attention is causal by the layer spec (``AttnMaskType.causal``): with ``attention_mask=None`` megatron
+    builds the upper-triangular mask itself.
     """
-    if not (model.pre_process and model.post_process):
-        # Pipeline stages: a middle/last stage takes the previous stage's hidden states via
-        # model.set_input_tensor(...) and skips the embedding; only the last stage applies the final norm.
-        raise NotImplementedError(
-            "trunk_hidden supports a single pipeline stage (pre_ and post_process) only"
-        )
     if tokens.dim() != 2:
         raise ValueError(f"tokens must be (B, T), got shape {tuple(tokens.shape)}")
     batch, seq = tokens.shape
@@ -118,7 +139,7 @@ def trunk_hidden(model: GPTModel, tokens: Tensor) -> Tensor:
     decoder_input, rotary_pos_emb, rotary_pos_cos, rotary_pos_sin, sequence_len_offset, padding_mask = (
         preproc[:6]
     )
-    hidden = model.decoder(  # [T, B, d]
+    return model.decoder(
         hidden_states=decoder_input,
         attention_mask=None,
         rotary_pos_emb=rotary_pos_emb,
@@ -127,7 +148,57 @@ def trunk_hidden(model: GPTModel, tokens: Tensor) -> Tensor:
         sequence_len_offset=sequence_len_offset,
         padding_mask=padding_mask,
     )
-    return hidden.transpose(0, 1).contiguous()  # (B, T, d)
+
+
+def trunk_hidden(model: GPTModel, tokens: Tensor) -> Tensor:
+    """Final hidden states of a whole (single-stage) trunk, after the final norm: (B, T) -> (B, T, d)."""
+    if not (model.pre_process and model.post_process):
+        raise ValueError("trunk_hidden needs the whole trunk: use stage_forward on a pipeline stage")
+    return stage_forward(model, tokens).transpose(0, 1).contiguous()
+
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+TIED_COPY = "output_layer.weight"
+"""The last pipeline stage's copy of the tied unembedding (absent from a single-stage trunk)."""
+
+
+def global_param_name(name: str, stage: PipelineStage, num_layers: int) -> str:
+    """The name in the single-stage trunk of a stage's parameter: stage layer i is layer
+    i + stage.rank * num_layers / stage.size, and the tied copy is the word embedding."""
+    if name == TIED_COPY:
+        return "embedding.word_embeddings.weight"
+    offset = stage.rank * (num_layers // stage.size)
+    return _LAYER.sub(lambda m: f"decoder.layers.{int(m.group(1)) + offset}.", name)
+
+
+@torch.no_grad()
+def init_trunk_weights(model: GPTModel, cfg: TrunkConfig, seed: int, stage: PipelineStage) -> None:
+    """Draw every matrix of the trunk from a generator seeded by (seed, its single-stage name), whole,
+    and keep this rank's tensor-parallel slice: the weights depend on the seed only, not on tp or pp.
+
+    The distributions are megatron's: normal(0, init_method_std), with std / sqrt(2 L) for the output
+    projections of attention and MLP (``scaled_init_method_normal``). Norm weights keep their
+    construction values (ones, zeros).
+    """
+    groups = get_parallel_groups()
+    std = cfg.init_method_std
+    for name, param in model.named_parameters():
+        if param.dim() < 2:
+            continue
+        full_name = global_param_name(name, stage, cfg.num_layers)
+        shape = list(param.shape)
+        split = groups.tp_size > 1 and getattr(param, "tensor_model_parallel", False)
+        if split:
+            shape[param.partition_dim] *= groups.tp_size
+        gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{full_name}".encode()))
+        scale = std / math.sqrt(2.0 * cfg.num_layers) if full_name.endswith(_OUTPUT_PROJECTIONS) else std
+        full = torch.randn(shape, generator=gen, dtype=torch.float32) * scale
+        if split:
+            full = full.chunk(groups.tp_size, dim=param.partition_dim)[groups.tp_rank]
+        param.copy_(full)
+
+
+_OUTPUT_PROJECTIONS = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight")
 
 
 def unembedding_weight(model: GPTModel) -> Tensor:

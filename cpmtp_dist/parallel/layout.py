@@ -94,10 +94,9 @@ def gather_full_state_dict(model: nn.Module, groups: ParallelGroups) -> dict[str
     Tensor-parallel parameters (marked `tensor_model_parallel`, with `partition_dim`) are all-gathered
     over tp and concatenated; Megatron's fused layouts (e.g. QKV grouped per head) make that equal to
     the tp = 1 layout. CP component tensors (marked `expert_parallel`) are then gathered over ep along
-    dimension 0. Collective over the tp and ep groups.
+    dimension 0. Under pipeline parallelism every stage's part is renamed to the single-stage model's
+    names (`model.global_name`) and the parts are exchanged over pp. Collective over tp, ep and pp.
     """
-    if groups.pp_size > 1:
-        raise NotImplementedError("gathering a pipeline-parallel model is not available yet")
     params = dict(model.named_parameters())
     out: dict[str, Tensor] = {}
     for name, t in model.state_dict(keep_vars=True).items():
@@ -113,7 +112,16 @@ def gather_full_state_dict(model: nn.Module, groups: ParallelGroups) -> dict[str
             dist.all_gather(parts, t.detach().contiguous(), group=groups.ep_group)
             t = torch.cat(parts, dim=0)
         out[name] = t.detach() if torch.is_tensor(t) else t
-    return out
+    if groups.pp_size == 1:
+        return out
+    mine = {}
+    for name, t in out.items():
+        full_name = model.global_name(name)
+        if full_name is not None:
+            mine[full_name] = t.cpu() if torch.is_tensor(t) else t
+    stages: list[dict[str, Tensor] | None] = [None] * groups.pp_size
+    dist.all_gather_object(stages, mine, group=groups.pp_group)
+    return {name: t for part in stages for name, t in part.items()}
 
 
 @torch.no_grad()
@@ -127,3 +135,20 @@ def global_grad_norm(model: nn.Module, groups: ParallelGroups) -> float:
     if groups.tp_size * groups.pp_size > 1:
         dist.all_reduce(sq, group=groups.mp_group)
     return float(sq.sqrt())
+
+
+def count_parameters(model: nn.Module, groups: ParallelGroups) -> int:
+    """Parameters of the whole (unsharded) model, from this rank's part. Collective over pp."""
+    total = 0
+    for p in model.parameters():
+        if getattr(p, "ds_pipe_replicated", False):
+            continue  # the last stage's copy of the tied embedding
+        n = p.numel()
+        n *= groups.tp_size if getattr(p, "tensor_model_parallel", False) else 1
+        n *= groups.ep_size if getattr(p, "expert_parallel", False) else 1
+        total += n
+    if groups.pp_size > 1:
+        t = torch.tensor(total, dtype=torch.int64)
+        dist.all_reduce(t, group=groups.pp_group)
+        total = int(t)
+    return total

@@ -32,9 +32,11 @@ from cpmtp_dist.parallel.layout import (
     DeepSpeedMPU,
     build_expert_shard,
     build_vocab_shard,
+    count_parameters,
     gather_full_state_dict,
     global_grad_norm,
 )
+from cpmtp_dist.parallel.pipeline import PipelineStage, prepare_trunk_for_schedule, run_schedule
 from cpmtp_dist.parallel.state import ParallelGroups, initialize_parallel
 from cpmtp_dist.training.checkpoint import save_checkpoint
 from cpmtp_dist.training.metrics import MetricsLogger, entropy, model_flops_per_token, peak_flops
@@ -62,13 +64,23 @@ def resolve_precision(cfg: Config) -> tuple[torch.device, torch.dtype]:
 def build_model(
     cfg: Config, groups: ParallelGroups, params_dtype: torch.dtype, device: torch.device
 ) -> CPModel:
-    """This rank's part of the trunk + CP head. The weights are fixed by `train.seed` alone: sharded
-    tensors are drawn whole and sliced, so every layout starts from the single-process weights."""
-    torch.manual_seed(cfg.train.seed)
+    """This rank's part of the trunk + CP head. The weights are fixed by `train.seed` alone: tensors
+    are drawn whole (per name) and sliced, so every layout starts from the single-process weights."""
     vocab = build_vocab_shard(groups, cfg.model.trunk.vocab_size)
     experts = build_expert_shard(groups, cfg.model.cp.rank)
-    model = CPModel(cfg.model, vocab=vocab, experts=experts, params_dtype=params_dtype).to(device)
+    stage = PipelineStage(groups.pp_rank, groups.pp_size)
+    model = CPModel(
+        cfg.model,
+        vocab=vocab,
+        experts=experts,
+        stage=stage,
+        params_dtype=params_dtype,
+        sequence_parallel=cfg.parallel.sequence_parallel,
+        seed=cfg.train.seed,
+    ).to(device)
     apply_deepspeed_expert_parallel(model, groups)
+    if groups.pp_size > 1:
+        prepare_trunk_for_schedule(model.trunk, stage, params_dtype)
     return model
 
 
@@ -126,6 +138,12 @@ def train_step(
         dist.all_reduce(count, group=groups.dp_group)
     scale = groups.dp_size / count  # a tensor: no host sync
     sums = _StatSums(n, cfg.model.cp.rank, device)
+    if groups.pp_size > 1:
+        _pipeline_forward_backward(engine, pairs, cfg, scale=scale, sums=sums, with_accuracy=log_now)
+        engine.step()
+        if not log_now:
+            return {}
+        return sums.reduce(groups, num_micro=len(pairs)) | {"grad_norm": float(engine.get_global_grad_norm())}
     norm = None
     for i, (tokens, targets) in enumerate(pairs):
         out, aux = forward_backward(
@@ -149,18 +167,58 @@ def train_step(
     }
 
 
+def _pipeline_forward_backward(
+    engine: Any,
+    pairs: list[tuple[torch.Tensor, torch.Tensor]],
+    cfg: Config,
+    *,
+    scale: torch.Tensor | None,
+    sums: _StatSums,
+    with_accuracy: bool,
+) -> None:
+    """Forward and backward of a step's micro-batches through the pipeline (1F1B); the loss, as in
+    `forward_backward`, on the last stage. `scale=None` runs forward only (evaluation)."""
+    model: CPModel = engine.module
+    aux_weight = cfg.model.cp.aux_loss_weight
+
+    def loss_func(pair: tuple[torch.Tensor, torch.Tensor], output: torch.Tensor):
+        out = model.loss_from_output(output, pair[1], with_accuracy=with_accuracy)
+        aux = torch.zeros((), device=output.device)
+        loss = out.loss_sum if scale is None else out.loss_sum * scale.to(out.loss_sum.dtype)
+        if out.aux_loss is not None and scale is not None:
+            aux = out.aux_loss
+            loss = loss + aux_weight * aux / len(pairs)
+        sums.add(out, aux.detach())
+        return loss, torch.ones((), dtype=torch.int), None  # the schedule's token count is not used
+
+    run_schedule(
+        model.trunk,
+        pairs,
+        stage_forward=lambda pair: model.stage_output(pair[0]),
+        loss_func=loss_func,
+        seq_length=cfg.model.trunk.seq_length,
+        micro_batch_size=cfg.train.micro_batch_size,
+        forward_only=scale is None,
+        engine=engine,
+    )
+
+
 @torch.no_grad()
 def evaluate(
-    model: CPModel, batches: list[torch.Tensor], cfg: Config, groups: ParallelGroups
+    engine: Any, batches: list[torch.Tensor], cfg: Config, groups: ParallelGroups
 ) -> dict[str, float]:
     """Held-out joint loss, next-token loss and perplexity, per-head accuracy."""
+    model: CPModel = engine.module
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     sums = _StatSums(cfg.model.cp.horizon, cfg.model.cp.rank, device)
-    for mb in batches:
-        tokens, targets = make_targets(mb.to(device), cfg.model.cp.horizon, IGNORE_INDEX)
-        sums.add(model(tokens, targets, with_accuracy=True), torch.zeros((), device=device))
+    pairs = [make_targets(mb.to(device), cfg.model.cp.horizon, IGNORE_INDEX) for mb in batches]
+    if groups.pp_size > 1:
+        _pipeline_forward_backward(engine, pairs, cfg, scale=None, sums=sums, with_accuracy=True)
+    else:
+        for tokens, targets in pairs:
+            sums.add(model(tokens, targets, with_accuracy=True), torch.zeros((), device=device))
     model.train(was_training)
     stats = sums.reduce(groups, num_micro=len(batches))
     keys = ["joint_loss", "ntp_loss"] + [f"acc_head_{s + 1}" for s in range(cfg.model.cp.horizon)]
@@ -188,9 +246,15 @@ class _StatSums:
         self.usage += out.responsibilities.sum(0).double()
 
     def reduce(self, groups: ParallelGroups, *, num_micro: int) -> dict[str, Any]:
+        """The statistics of the whole step (all dp ranks), on every rank. Under pipeline parallelism
+        they exist on the last stage only, which sends them to the others."""
         flat = torch.cat([t.reshape(-1) for t in self._tensors()])
         if groups.dp_size > 1:
             dist.all_reduce(flat, group=groups.dp_group)
+        if groups.pp_size > 1:
+            if not groups.is_last_stage:
+                flat.zero_()
+            dist.all_reduce(flat, group=groups.pp_group)
         loss, positions, aux, *rest = flat.tolist()
         n, r = len(self.head_nll), len(self.usage)
         head_nll, head_count = rest[:n], rest[n : 2 * n]
@@ -237,11 +301,6 @@ def optimizer_state_bytes(engine: Any) -> int:
 def train(cfg: Config, run_dir: Path) -> TrainResult:
     """Train `cfg` and write the run directory (config, metrics, checkpoints)."""
     par = cfg.parallel  # validated by config_io.validate_config before any group exists
-    if par.pp > 1 or par.sequence_parallel:
-        raise NotImplementedError(
-            f"parallel.pp={par.pp}, parallel.sequence_parallel={par.sequence_parallel}: pipeline and sequence "
-            "parallelism are not available yet; set parallel.pp=1 and parallel.sequence_parallel=false"
-        )
     groups = initialize_parallel(par.tp, par.pp, par.ep, seed=cfg.train.seed)
     is_logger = groups.rank == 0
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -271,12 +330,14 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
         dp_size=groups.dp_size,
     )
     model = build_model(cfg, groups, dtype, device)
+    # Under pp, Megatron's schedule runs the micro-batches: DeepSpeed sees one batch per step.
+    pipelined = groups.pp_size > 1
     engine = build_engine(
         model,
         cfg.optim,
         total_steps=t.steps,
-        micro_batch_size=t.micro_batch_size,
-        grad_accum=grad_accum,
+        micro_batch_size=t.micro_batch_size * grad_accum if pipelined else t.micro_batch_size,
+        grad_accum=1 if pipelined else grad_accum,
         dp=groups.dp_size,
         bf16=dtype == torch.bfloat16,
         mpu=DeepSpeedMPU(groups),
@@ -284,13 +345,13 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
     logger = MetricsLogger(run_dir, enabled=is_logger, total_steps=t.steps)
     tokens_per_step = t.global_batch_size * cfg.model.trunk.seq_length
     flops_per_token, peak = model_flops_per_token(cfg.model), peak_flops(device)
+    n_params = count_parameters(model, groups)
     if is_logger:
-        n_params = sum(p.numel() for p in model.parameters())
         print(
             f"model: {n_params / 1e6:.2f}M parameters, n={cfg.model.cp.horizon} r={cfg.model.cp.rank} "
             f"({cfg.model.cp.parameterisation}); data: {len(data.train_stream):,} training tokens, "
             f"vocab {data.tokenizer.vocab_size}; {t.steps} steps of {tokens_per_step:,} tokens on {device}, "
-            f"dp={groups.dp_size}, accumulation {grad_accum}",
+            f"tp={groups.tp_size} pp={groups.pp_size} ep={groups.ep_size} dp={groups.dp_size}, accumulation {grad_accum}",
             flush=True,
         )
 
@@ -335,10 +396,10 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
             logger.log(step, metrics)
             tic = time.perf_counter()
         if t.eval_every and step % t.eval_every == 0 and step != t.steps:
-            logger.log(step, evaluate(model, valid, cfg, groups))
+            logger.log(step, evaluate(engine, valid, cfg, groups))
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
             last_ckpt = checkpoint(step)
-    eval_metrics = evaluate(model, valid, cfg, groups)
+    eval_metrics = evaluate(engine, valid, cfg, groups)
     logger.log(t.steps, eval_metrics)
     if last_ckpt is None or not last_ckpt.name.endswith(f"{t.steps:07d}"):
         last_ckpt = checkpoint(t.steps)
