@@ -25,11 +25,15 @@ SEPARATE = ["model.cp.parameterisation=separate"]
 LAYOUTS = {
     "tp2": (2, ["parallel.tp=2"], []),
     "tp2_separate": (2, ["parallel.tp=2"], SEPARATE),
+    "tp2_sp": (2, ["parallel.tp=2", "parallel.sequence_parallel=true"], []),
     "ep2_zero1": (2, ["parallel.ep=2", "optim.zero_stage=1"], []),
     "ep2_zero2_separate": (2, ["parallel.ep=2", "optim.zero_stage=2"], SEPARATE),
     "tp2_ep2_zero1": (4, ["parallel.tp=2", "parallel.ep=2", "optim.zero_stage=1"], []),
     "dp2_zero1": (2, ["optim.zero_stage=1"], []),
     "dp2_zero2": (2, ["optim.zero_stage=2"], []),
+    "pp2_zero1": (2, ["parallel.pp=2", "optim.zero_stage=1"], []),
+    "tp2_pp2_zero1": (4, ["parallel.tp=2", "parallel.pp=2", "optim.zero_stage=1"], []),
+    "dp2_pp2_zero2_separate": (4, ["parallel.pp=2", "optim.zero_stage=2"], SEPARATE),
 }
 
 
@@ -41,7 +45,7 @@ def launch(run_dir: Path, nproc: int, overrides: list[str], cache: Path) -> subp
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
         cmd += ["-m", "launchers.cli", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
 def read_run(run_dir: Path) -> tuple[list[dict], dict[str, torch.Tensor]]:
