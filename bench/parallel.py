@@ -24,7 +24,7 @@ should match the single-process run to rounding.
 
 JSON rows (a list, written to --out after every layout):
     layout, processes, settings (the layout's key=value settings), threads_per_process,
-    status ("ok" | "failed (rc=N)" | "timed out after S s" | "not available yet"),
+    status ("ok" | "failed (rc=N)" | "timed out after S s"),
     tokens_per_s_median, tokens_per_s_all (after the warm-up row), tokens_per_s_first (the warm-up row),
     ratio_to_single, final_loss, final_loss_single, loss_delta_vs_single, wall_s,
     and on failure `error` (the tail of the launch's output). Numbers are null where the layout did not run.
@@ -60,18 +60,14 @@ LAYOUTS: dict[str, tuple[int, list[str]]] = {
     "ep2": (2, ["parallel.ep=2", "optim.zero_stage=1"]),
     "dp2_zero1": (2, ["optim.zero_stage=1"]),
     "dp2_zero2": (2, ["optim.zero_stage=2"]),
+    "tp2_sp": (2, ["parallel.tp=2", "parallel.sequence_parallel=true"]),
+    "pp2": (2, ["parallel.pp=2", "optim.zero_stage=1"]),
     "tp2_ep2": (4, ["parallel.tp=2", "parallel.ep=2", "optim.zero_stage=1"]),
+    "tp2_pp2": (4, ["parallel.tp=2", "parallel.pp=2", "optim.zero_stage=1"]),
+    "dp2_pp2": (4, ["parallel.pp=2", "optim.zero_stage=1"]),
 }
-# Layouts that need pipeline parallelism: the trainer refuses parallel.pp > 1 for now. They are always
-# listed (in the JSON and the table), launched only with --launch-pp.
-PIPELINE_LAYOUTS: dict[str, tuple[int, list[str]]] = {
-    "pp2": (2, ["parallel.pp=2"]),
-    "tp2_pp2": (4, ["parallel.tp=2", "parallel.pp=2"]),
-    "dp2_pp2": (4, ["parallel.pp=2"]),
-}
-NOT_AVAILABLE = "not available yet"
 FULL = {"steps": 30, "log_every": 5, "layouts": ",".join(LAYOUTS)}
-QUICK = {"steps": 3, "log_every": 1, "layouts": "single,dp2_zero1"}
+QUICK = {"steps": 3, "log_every": 1, "layouts": "single,dp2_zero1,pp2"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -201,8 +197,6 @@ def bench_layout(
         status = "ok"
     elif rc is None:
         status = f"timed out after {timeout:g} s"
-    elif "not available yet" in output:
-        status = NOT_AVAILABLE
     else:
         status = f"failed (rc={rc})"
     row = empty_row(layout, processes, settings, threads, status)
@@ -213,8 +207,6 @@ def bench_layout(
             row["status"] = (
                 "failed (no logged rows after the warm-up row: raise --steps or lower --log-every)"
             )
-    elif status == NOT_AVAILABLE:
-        row["error"] = next(line for line in output.splitlines() if "not available yet" in line).strip()
     else:
         row["error"] = tail(output)
     return row
@@ -262,10 +254,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
             f"{fmt(r['final_loss'], '.5f')} | {fmt(delta, '+.1e')} | {fmt(r['wall_s'], '.1f')} | "
             f"{r['status']} |"
         )
-    oversubscribed = sorted(
-        {r["layout"] for r in rows if r["processes"] * r["threads_per_process"] > nproc}
-        - {r["layout"] for r in rows if r["status"] == NOT_AVAILABLE}
-    )
+    oversubscribed = sorted(r["layout"] for r in rows if r["processes"] * r["threads_per_process"] > nproc)
     lines += [
         "",
         f"Command: `{meta['command']}`",
@@ -285,8 +274,6 @@ def markdown(rows: list[dict], meta: dict) -> str:
             "processes are oversubscribed and time-share the cores."
         )
     lines += [
-        f"- Layouts that need pipeline parallelism ({', '.join(PIPELINE_LAYOUTS)}) are {NOT_AVAILABLE}: the "
-        "trainer refuses `parallel.pp > 1`.",
         "- GPU numbers (MFU of a ~1B-parameter config in bf16 on NCCL) need a GPU and are not measured here.",
     ]
     return "\n".join(lines) + "\n"
@@ -331,8 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-every", type=int, help=f"steps per logged row (default {FULL['log_every']})")
     p.add_argument(
         "--layouts",
-        help=f"comma-separated layouts (default {FULL['layouts']}); known: "
-        f"{', '.join([*LAYOUTS, *PIPELINE_LAYOUTS])}",
+        help=f"comma-separated layouts (default {FULL['layouts']}); known: {', '.join(LAYOUTS)}",
     )
     p.add_argument("--markdown", type=Path, help="write the table between parallel markers in this file")
     p.add_argument(
@@ -341,9 +327,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-dir", type=Path, help="CPMTP_CACHE_DIR (default: $CPMTP_CACHE_DIR, else fresh)")
     p.add_argument("--work-dir", type=Path, help="keep run directories and logs here (default: a temp dir)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per launch")
-    p.add_argument(
-        "--launch-pp", action="store_true", help="launch the pipeline layouts too instead of listing them"
-    )
     p.add_argument("--quick", action="store_true", help="smoke test: " + json.dumps(QUICK))
     args = p.parse_args(argv)
     for key, value in (QUICK if args.quick else FULL).items():
@@ -352,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.log_every < 1 or args.steps <= args.log_every:
         p.error("need --steps > --log-every >= 1: the first logged row (warm-up) is not counted")
 
-    known = {**LAYOUTS, **PIPELINE_LAYOUTS}
+    known = LAYOUTS
     names = [x.strip() for x in args.layouts.split(",") if x.strip()]
     unknown = [x for x in names if x not in known]
     if unknown:
@@ -360,7 +343,6 @@ def main(argv: list[str] | None = None) -> int:
     if "single" not in names:
         print("note: adding the single-process layout: the ratios are relative to it", flush=True)
     names = ["single"] + [x for x in names if x != "single"]
-    names += [x for x in PIPELINE_LAYOUTS if x not in names]  # always listed, never silently omitted
 
     command = "python bench/parallel.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     nproc = cpu_count()
@@ -399,23 +381,18 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             processes, settings = known[name]
             threads = threads_per_process(processes, nproc)
-            if name in PIPELINE_LAYOUTS and not args.launch_pp:
-                row = empty_row(name, processes, settings, threads, NOT_AVAILABLE)
-            else:
-                print(
-                    f"{name}: {processes} process(es) × {threads} thread(s) {' '.join(settings)}", flush=True
-                )
-                row = bench_layout(
-                    name,
-                    processes,
-                    settings,
-                    base=base,
-                    user=args.overrides,
-                    work=work,
-                    cache_dir=cache_dir,
-                    nproc=nproc,
-                    timeout=args.timeout,
-                )
+            print(f"{name}: {processes} process(es) × {threads} thread(s) {' '.join(settings)}", flush=True)
+            row = bench_layout(
+                name,
+                processes,
+                settings,
+                base=base,
+                user=args.overrides,
+                work=work,
+                cache_dir=cache_dir,
+                nproc=nproc,
+                timeout=args.timeout,
+            )
             rows.append(row)
             add_single_comparison(rows)
             tps = row["tokens_per_s_median"]
@@ -445,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         print(section)
         if args.markdown:
             write_markdown(args.markdown, section)
-        failed = [r["layout"] for r in rows if r["status"] not in ("ok", NOT_AVAILABLE)]
+        failed = [r["layout"] for r in rows if r["status"] != "ok"]
         return 1 if failed else 0
     finally:
         if tmp is not None:
