@@ -129,7 +129,16 @@ class DataConfig:
     corpus: Literal["stdlib-code"] = "stdlib-code"
     """Built-in corpus used when `path` is not set."""
     path: str | None = None
-    """Folder of prepared shards (overrides `corpus`)."""
+    """Folder of prepared shards (`cpmtp data shards`), overriding `corpus`; or a blend written as weight/folder
+    pairs: "0.7 /data/code 0.3 /data/prose"."""
+    num_workers: int = 2
+    """Loader worker processes per data-parallel rank reading shards (0: read in the training process)."""
+    shuffle_buffer: int = 1024
+    """Samples in each worker's shuffle buffer (shard order is shuffled per epoch as well)."""
+    verify_checksums: bool = True
+    """Check each shard's sha256 against the manifest before reading it."""
+    skip_corrupt_shards: bool = False
+    """Skip (with a warning, counted in the metrics) a shard that is corrupt, instead of stopping."""
     tokenizer_vocab_size: int = 2048
     """Vocabulary size of the tokenizer trained for a built-in corpus."""
     max_chars: int = 8_000_000

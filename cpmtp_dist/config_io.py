@@ -23,6 +23,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 import yaml
 
 from cpmtp_dist.config import Config
+from cpmtp_dist.data.shards import parse_data_path
 
 __all__ = ["ConfigError", "config_to_dict", "load_config", "save_config", "validate_config"]
 
@@ -338,6 +339,8 @@ _MINIMUMS: tuple[tuple[str, int | float, str], ...] = (
     ("train.eval_batches", 1, ""),
     ("data.tokenizer_vocab_size", 1, ""),
     ("data.max_chars", 0, " (0 means no cap)"),
+    ("data.num_workers", 0, " (0 reads shards in the training process)"),
+    ("data.shuffle_buffer", 1, " (1 means no buffer shuffling)"),
     ("checkpoint.every", 0, " (0 saves only at the end)"),
     ("checkpoint.keep_last", 1, ""),
 )
@@ -461,10 +464,16 @@ def validate_config(
         problems.append(
             f"data.heldout_fraction={data.heldout_fraction} is outside (0, 0.5]: set it to a small fraction such as 0.02"
         )
-    if ok("data.path") and data.path is not None and not data.path.strip():
-        problems.append(
-            "data.path='' is empty: set it to a folder of prepared shards, or null for data.corpus"
-        )
+    if ok("data.path") and data.path is not None:
+        if not data.path.strip():
+            problems.append(
+                "data.path='' is empty: set it to a folder of prepared shards, or null for data.corpus"
+            )
+        else:
+            try:
+                parse_data_path(data.path)
+            except ValueError as err:
+                problems.append(str(err))
     if (
         positive("data.tokenizer_vocab_size", "model.trunk.vocab_size")
         and ok("data.path")

@@ -22,8 +22,8 @@ import yaml
 
 from cpmtp_dist.config import Config
 from cpmtp_dist.config_io import config_to_dict
-from cpmtp_dist.data.builtin import BuiltinData, build_builtin_data
-from cpmtp_dist.data.loader import PackedSequenceLoader, eval_batches, make_targets
+from cpmtp_dist.data.loader import make_targets
+from cpmtp_dist.data.source import build_training_data
 from cpmtp_dist.model.cp_head import IGNORE_INDEX
 from cpmtp_dist.model.cp_loss import CPLossOutput
 from cpmtp_dist.model.cp_model import CPModel
@@ -82,21 +82,6 @@ def build_model(
     if groups.pp_size > 1:
         prepare_trunk_for_schedule(model.trunk, stage, params_dtype)
     return model
-
-
-def build_data(cfg: Config) -> BuiltinData:
-    if cfg.data.path is not None:
-        raise NotImplementedError(
-            f"data.path={cfg.data.path!r}: reading prepared shards is not available yet; "
-            "leave data.path unset to train on the built-in corpus"
-        )
-    data = build_builtin_data(cfg.data)
-    if data.tokenizer.vocab_size > cfg.model.trunk.vocab_size:
-        raise ValueError(
-            f"the tokenizer has {data.tokenizer.vocab_size} tokens but model.trunk.vocab_size="
-            f"{cfg.model.trunk.vocab_size}: raise model.trunk.vocab_size or lower data.tokenizer_vocab_size"
-        )
-    return data
 
 
 # --------------------------------------------------------------------------------------------------
@@ -309,26 +294,10 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
         (run_dir / "config.yaml").write_text(config_yaml)
 
     device, dtype = resolve_precision(cfg)
-    data = build_data(cfg)
+    data = build_training_data(cfg, dp_rank=groups.dp_rank, dp_size=groups.dp_size)
+    loader, valid = data.loader, data.valid
     t = cfg.train
     grad_accum = t.global_batch_size // (t.micro_batch_size * groups.dp_size)
-    loader = PackedSequenceLoader(
-        data.train_stream,
-        cfg.model.trunk.seq_length,
-        t.micro_batch_size,
-        t.global_batch_size,
-        seed=t.seed,
-        dp_rank=groups.dp_rank,
-        dp_size=groups.dp_size,
-    )
-    valid = eval_batches(
-        data.valid_stream,
-        cfg.model.trunk.seq_length,
-        t.micro_batch_size,
-        t.eval_batches,  # the same held-out set whatever the layout, shared out over dp ranks
-        dp_rank=groups.dp_rank,
-        dp_size=groups.dp_size,
-    )
     model = build_model(cfg, groups, dtype, device)
     # Under pp, Megatron's schedule runs the micro-batches: DeepSpeed sees one batch per step.
     pipelined = groups.pp_size > 1
@@ -349,7 +318,7 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
     if is_logger:
         print(
             f"model: {n_params / 1e6:.2f}M parameters, n={cfg.model.cp.horizon} r={cfg.model.cp.rank} "
-            f"({cfg.model.cp.parameterisation}); data: {len(data.train_stream):,} training tokens, "
+            f"({cfg.model.cp.parameterisation}); data: {data.description}, "
             f"vocab {data.tokenizer.vocab_size}; {t.steps} steps of {tokens_per_step:,} tokens on {device}, "
             f"tp={groups.tp_size} pp={groups.pp_size} ep={groups.ep_size} dp={groups.dp_size}, accumulation {grad_accum}",
             flush=True,
@@ -388,6 +357,9 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
                 "tokens_per_s": tps,
                 "tokens_seen": step * tokens_per_step,
             }
+            skipped = getattr(loader, "skipped_shards", None)
+            if skipped is not None:
+                metrics["data_skipped_shards"] = skipped
             if step == t.log_every or step == t.steps:
                 metrics["optim_state_mib_rank0"] = optimizer_state_bytes(engine) / 2**20
             if peak is not None:

@@ -1,0 +1,102 @@
+"""What the trainer reads: the built-in corpus in memory, or prepared shards streamed from disk.
+
+- `data.path` unset: the built-in corpus (`data.corpus`) is tokenised once into memory (cached) and visited
+  in a seeded global order that does not depend on the parallel layout (`loader.PackedSequenceLoader`).
+  Made for small corpora and for comparing layouts.
+- `data.path` set: one folder of shards, or a weighted blend of several, streamed by `shards.ShardLoader`
+  (split by data-parallel rank and loader worker, exact resume).
+
+Both give a tokenizer, a loader with `next_step()` / `state_dict()` / `load_state_dict()`, and a fixed list
+of held-out micro-batches for this rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cpmtp_dist.config import Config
+from cpmtp_dist.data.builtin import build_builtin_data
+from cpmtp_dist.data.loader import PackedSequenceLoader, eval_batches
+from cpmtp_dist.data.shards import ShardError, ShardLoader, ShardSet, parse_data_path, valid_batches
+from cpmtp_dist.data.tokenizer import Tokenizer, load_tokenizer
+
+
+@dataclass
+class TrainingData:
+    tokenizer: Tokenizer
+    tokenizer_dir: Path
+    loader: Any  # PackedSequenceLoader | ShardLoader
+    valid: list[torch.Tensor]
+    description: str
+
+
+def build_training_data(cfg: Config, *, dp_rank: int, dp_size: int) -> TrainingData:
+    """The data of `cfg` for data-parallel rank `dp_rank`; bad data fails here, before training starts."""
+    t, seq_length = cfg.train, cfg.model.trunk.seq_length
+    if cfg.data.path is None:
+        data = build_builtin_data(cfg.data)
+        _check_vocab(data.tokenizer.vocab_size, cfg, "lower data.tokenizer_vocab_size")
+        loader = PackedSequenceLoader(
+            data.train_stream,
+            seq_length,
+            t.micro_batch_size,
+            t.global_batch_size,
+            seed=t.seed,
+            dp_rank=dp_rank,
+            dp_size=dp_size,
+        )
+        valid = eval_batches(
+            data.valid_stream,
+            seq_length,
+            t.micro_batch_size,
+            t.eval_batches,  # the same held-out set whatever the layout, shared out over dp ranks
+            dp_rank=dp_rank,
+            dp_size=dp_size,
+        )
+        desc = f"{cfg.data.corpus} in memory, {len(data.train_stream):,} training tokens"
+        return TrainingData(data.tokenizer, data.tokenizer_dir, loader, valid, desc)
+
+    blend = parse_data_path(cfg.data.path)
+    sets = [ShardSet.load(path) for _, path in blend]
+    tokenizer = load_tokenizer(sets[0].tokenizer_dir)
+    for s in sets:
+        s.check_tokenizer(tokenizer.fingerprint)
+        if s.seq_len != seq_length:
+            raise ShardError(
+                f"{s.manifest_path}: the shards hold sequences of seq_len={s.seq_len}, but "
+                f"model.trunk.seq_length={seq_length}: set model.trunk.seq_length={s.seq_len} or rebuild the "
+                f"shards with --seq-len {seq_length}"
+            )
+    _check_vocab(tokenizer.vocab_size, cfg, f"use a tokenizer of at most that size for {sets[0].root}")
+    d = cfg.data
+    loader = ShardLoader(
+        sets,
+        [w for w, _ in blend],
+        micro_batch_size=t.micro_batch_size,
+        global_batch_size=t.global_batch_size,
+        seed=t.seed,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        num_workers=d.num_workers,
+        shuffle_buffer=d.shuffle_buffer,
+        verify_checksums=d.verify_checksums,
+        skip_corrupt_shards=d.skip_corrupt_shards,
+    )
+    valid = valid_batches(sets, t.micro_batch_size, t.eval_batches, dp_rank=dp_rank, dp_size=dp_size)
+    sequences = sum(i.sequences for s in sets for i in s.splits["train"])
+    desc = (
+        f"{' + '.join(str(s.root) for s in sets)}: {sequences * (seq_length + 1):,} training tokens in shards"
+    )
+    return TrainingData(tokenizer, sets[0].tokenizer_dir, loader, valid, desc)
+
+
+def _check_vocab(tokenizer_vocab: int, cfg: Config, remedy: str) -> None:
+    if tokenizer_vocab > cfg.model.trunk.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {tokenizer_vocab} tokens but model.trunk.vocab_size={cfg.model.trunk.vocab_size}: "
+            f"token ids would fall outside the embedding; raise model.trunk.vocab_size or {remedy}"
+        )
