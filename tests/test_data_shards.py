@@ -51,7 +51,12 @@ def write_dataset(root: Path, shards: int, per_shard: int, tag: int = 0, valid: 
                     index += 1
             data = (root / rel).read_bytes()
             entries.append(
-                {"file": rel, "sequences": count, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+                {
+                    "file": rel,
+                    "sequences": count,
+                    "bytes": len(data),
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                }
             )
         splits[split] = {"sequences": index, "tokens": index * (L + 1), "shards": entries}
     manifest = {
