@@ -2,6 +2,8 @@
 
 cpmtp train --config configs/tiny.yaml [--run-dir DIR] [key=value ...]
 cpmtp generate --checkpoint DIR --prompt TEXT [--max-new-tokens N]
+cpmtp data tokenizer --input PATH... --vocab-size N --out DIR [--model-type bpe|unigram]
+cpmtp data shards --input PATH... --tokenizer DIR --seq-len L --out DIR [--shard-size-mb M] [--workers W]
 """
 
 from __future__ import annotations
@@ -33,9 +35,14 @@ def _train(args: argparse.Namespace) -> int:
         )
         return 2
 
+    from cpmtp_dist.data.shards import ShardError
     from cpmtp_dist.training.trainer import train
 
-    result = train(cfg, run_dir)
+    try:
+        result = train(cfg, run_dir)
+    except ShardError as err:  # prepared data that cannot be read: the message says what to do
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if int(os.environ.get("RANK", "0")) == 0:
         ev = result.eval_metrics
         print(
@@ -54,6 +61,66 @@ def _generate(args: argparse.Namespace) -> int:
     new = generate_greedy(loaded.model, tok.encode(prompt), args.max_new_tokens, eos_id=tok.eos_id)
     print(f"--- greedy sample from {loaded.checkpoint} ---")
     print(prompt + tok.decode(new))
+    return 0
+
+
+def _data_tokenizer(args: argparse.Namespace) -> int:
+    from data_pipelines.tokenizer import build_tokenizer
+
+    try:
+        result = build_tokenizer(
+            args.input,
+            args.vocab_size,
+            Path(args.out),
+            model_type=args.model_type,
+            max_lines=args.max_lines,
+            jsonl_field=args.jsonl_field,
+            seed=args.seed,
+        )
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    tok = result.tokenizer
+    print(
+        f"done: {args.model_type} tokenizer, vocabulary {tok.vocab_size} (eos {tok.eos_id}, pad {tok.pad_id}), "
+        f"trained on {result.documents} documents; sha256 {tok.fingerprint[:12]}; written to {result.out_dir}"
+    )
+    return 0
+
+
+def _data_shards(args: argparse.Namespace) -> int:
+    import logging
+
+    from data_pipelines.shards import build_shards
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    try:
+        manifest = build_shards(
+            args.input,
+            Path(args.tokenizer),
+            args.seq_len,
+            Path(args.out),
+            shard_size_mb=args.shard_size_mb,
+            workers=args.workers,
+            heldout_fraction=args.heldout_fraction,
+            jsonl_field=args.jsonl_field,
+        )
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            f"interrupted: finished shards are kept; run the same command to resume {args.out}",
+            file=sys.stderr,
+        )
+        return 130
+    for split in ("train", "valid"):
+        s = manifest["splits"][split]
+        print(
+            f"{split}: {s['sequences']} samples of {manifest['sample_tokens']} tokens in {len(s['shards'])} shards "
+            f"from {s['documents']} documents ({s['dropped_tokens']} tail tokens dropped)"
+        )
+    print(f"done: {Path(args.out) / 'manifest.json'}")
     return 0
 
 
@@ -76,6 +143,36 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt-file", help="file holding the prompt")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.set_defaults(fn=_generate)
+
+    d = sub.add_parser("data", help="build tokenizers and training shards").add_subparsers(
+        dest="data_command", required=True
+    )
+    inputs_help = (
+        "files, folders, globs ('data/**/*.txt'), .jsonl/.jsonl.gz files (one document per line), "
+        "builtin:stdlib-code or builtin:stdlib-prose"
+    )
+    dt = d.add_parser("tokenizer", help="train a SentencePiece tokenizer on the inputs")
+    dt.add_argument("--input", nargs="+", required=True, metavar="PATH", help=inputs_help)
+    dt.add_argument("--vocab-size", type=int, required=True)
+    dt.add_argument("--out", required=True, help="folder for tokenizer.model and tokenizer.json")
+    dt.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
+    dt.add_argument("--max-lines", type=int, default=200_000, help="lines sampled for training")
+    dt.add_argument("--jsonl-field", default="text", help="JSON field holding the text of a .jsonl line")
+    dt.add_argument("--seed", type=int, default=0, help="seed of the line sample")
+    dt.set_defaults(fn=_data_tokenizer)
+
+    ds = d.add_parser("shards", help="tokenise the inputs into webdataset shards of fixed-length samples")
+    ds.add_argument("--input", nargs="+", required=True, metavar="PATH", help=inputs_help)
+    ds.add_argument("--tokenizer", required=True, help="tokenizer folder (from `cpmtp data tokenizer`)")
+    ds.add_argument(
+        "--seq-len", type=int, required=True, help="training sequence length L (samples hold L+1)"
+    )
+    ds.add_argument("--out", required=True, help="output folder; re-run the same command to resume it")
+    ds.add_argument("--shard-size-mb", type=float, default=64.0, help="target shard size in MiB")
+    ds.add_argument("--workers", type=int, default=None, help="tokenising processes (default: min(4, cpus))")
+    ds.add_argument("--heldout-fraction", type=float, default=0.01, help="share of documents in valid")
+    ds.add_argument("--jsonl-field", default="text", help="JSON field holding the text of a .jsonl line")
+    ds.set_defaults(fn=_data_shards)
     return p
 
 

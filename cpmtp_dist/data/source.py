@@ -39,7 +39,11 @@ def build_training_data(cfg: Config, *, dp_rank: int, dp_size: int) -> TrainingD
     t, seq_length = cfg.train, cfg.model.trunk.seq_length
     if cfg.data.path is None:
         data = build_builtin_data(cfg.data)
-        _check_vocab(data.tokenizer.vocab_size, cfg, "lower data.tokenizer_vocab_size")
+        if data.tokenizer.vocab_size > cfg.model.trunk.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {data.tokenizer.vocab_size} tokens but model.trunk.vocab_size="
+                f"{cfg.model.trunk.vocab_size}: raise model.trunk.vocab_size or lower data.tokenizer_vocab_size"
+            )
         loader = PackedSequenceLoader(
             data.train_stream,
             seq_length,
@@ -71,7 +75,12 @@ def build_training_data(cfg: Config, *, dp_rank: int, dp_size: int) -> TrainingD
                 f"model.trunk.seq_length={seq_length}: set model.trunk.seq_length={s.seq_len} or rebuild the "
                 f"shards with --seq-len {seq_length}"
             )
-    _check_vocab(tokenizer.vocab_size, cfg, f"use a tokenizer of at most that size for {sets[0].root}")
+    if tokenizer.vocab_size > cfg.model.trunk.vocab_size:
+        raise ShardError(
+            f"{sets[0].manifest_path}: the shards' tokenizer has {tokenizer.vocab_size} tokens but "
+            f"model.trunk.vocab_size={cfg.model.trunk.vocab_size}: token ids would fall outside the embedding; "
+            f"raise model.trunk.vocab_size to at least {tokenizer.vocab_size}"
+        )
     d = cfg.data
     loader = ShardLoader(
         sets,
@@ -92,11 +101,3 @@ def build_training_data(cfg: Config, *, dp_rank: int, dp_size: int) -> TrainingD
         f"{' + '.join(str(s.root) for s in sets)}: {sequences * (seq_length + 1):,} training tokens in shards"
     )
     return TrainingData(tokenizer, sets[0].tokenizer_dir, loader, valid, desc)
-
-
-def _check_vocab(tokenizer_vocab: int, cfg: Config, remedy: str) -> None:
-    if tokenizer_vocab > cfg.model.trunk.vocab_size:
-        raise ValueError(
-            f"the tokenizer has {tokenizer_vocab} tokens but model.trunk.vocab_size={cfg.model.trunk.vocab_size}: "
-            f"token ids would fall outside the embedding; raise model.trunk.vocab_size or {remedy}"
-        )

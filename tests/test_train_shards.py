@@ -1,0 +1,101 @@
+"""`cpmtp train data.path=...` end to end: shards built by `cpmtp data`, a blend, the loader state in the
+checkpoint, and data that does not fit the model failing before training with its message."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SEQ = 32
+MODEL = [
+    "model.trunk.num_layers=2",
+    "model.trunk.hidden_size=32",
+    f"model.trunk.seq_length={SEQ}",
+    "model.trunk.vocab_size=512",
+    "model.cp.horizon=2",
+    "model.cp.rank=2",
+    "train.global_batch_size=8",
+    "train.micro_batch_size=4",
+    "train.log_every=2",
+    "train.eval_batches=2",
+    "checkpoint.every=0",
+]
+
+
+def cpmtp(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "launchers.cli", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("data")
+    code = str(Path(json.__file__).parent)  # the json package: a small real code corpus
+    res = cpmtp("data", "tokenizer", "--input", code, "builtin:stdlib-prose", "--vocab-size", "400",
+                "--out", str(root / "tok"))  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = {}
+    for name, source in (("code", code), ("prose", "builtin:stdlib-prose")):
+        res = cpmtp("data", "shards", "--input", source, "--tokenizer", str(root / "tok"), "--seq-len", str(SEQ),
+                    "--out", str(root / name), "--shard-size-mb", "0.05", "--heldout-fraction", "0.2",
+                    "--workers", "2")  # fmt: skip
+        assert res.returncode == 0, res.stderr[-3000:]
+        out[name] = root / name
+    return out
+
+
+@pytest.mark.slow
+def test_train_on_a_blend_of_shards(built, tmp_path):
+    run = tmp_path / "run"
+    blend = f"data.path=0.7 {built['code']} 0.3 {built['prose']}"
+    res = cpmtp(
+        "train", "--config", "configs/tiny.yaml", "--run-dir", str(run), *MODEL, "train.steps=4", blend
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [2, 4]
+    assert all(r["data_skipped_shards"] == 0 for r in rows if "loss" in r)
+    assert rows[-1]["eval_joint_loss"] > 0
+    meta = json.loads((run / "checkpoints" / "step_0000004" / "meta.json").read_text())
+    state = meta["loader"]
+    assert state["kind"] == "shards" and state["batches"] == 8  # 4 steps x 2 micro-batches
+    assert [d[0] for d in state["fingerprint"]["datasets"]] == [0.7, 0.3]
+    # The checkpoint's tokenizer is the shards' tokenizer.
+    card = json.loads((run / "checkpoints" / "step_0000004" / "tokenizer" / "tokenizer.json").read_text())
+    manifest = json.loads((built["code"] / "manifest.json").read_text())
+    assert card["sha256"] == manifest["tokenizer"]["sha256"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.trunk.vocab_size=256"], "raise model.trunk.vocab_size to at least 400"),
+        (
+            ["model.trunk.seq_length=64"],
+            "set model.trunk.seq_length=32 or rebuild the shards with --seq-len 64",
+        ),
+    ],
+)
+def test_data_that_does_not_fit_the_model_fails_before_training(built, tmp_path, overrides, message):
+    run = tmp_path / "run"
+    args = [
+        "train",
+        "--config",
+        "configs/tiny.yaml",
+        "--run-dir",
+        str(run),
+        *MODEL,
+        f"data.path={built['code']}",
+    ]
+    res = cpmtp(*args, *overrides)
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert message in res.stderr and "manifest.json" in res.stderr
+    assert not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text()
