@@ -4,6 +4,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO_RUN ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
+# The demo's data: the built-in code and prose corpora as shards (built once, then reused).
+PY_TAG   := $(shell $(PYTHON) -c 'import sys; print(f"py{sys.version_info[0]}{sys.version_info[1]}")')
+DATA_DIR ?= $(or $(CPMTP_CACHE_DIR),$(HOME)/.cache/cpmtp_dist)/demo-data-$(PY_TAG)
+DATA_SEQ := 128
 
 .PHONY: demo test lint format clean-venv
 
@@ -15,9 +19,21 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -e '.[dev]' -c constraints.txt
 	touch $(STAMP)
 
-## Train configs/tiny.yaml (n=4, r=4) on CPU, checkpoint it, and decode greedily from the checkpoint.
-demo: $(STAMP)
-	$(BIN)/cpmtp train --config configs/tiny.yaml --run-dir $(DEMO_RUN)
+## Tokenizer and shards of the built-in corpora (stdlib code and prose); an interrupted build resumes.
+$(DATA_DIR)/.complete: $(STAMP)
+	$(BIN)/cpmtp data tokenizer --input builtin:stdlib-code builtin:stdlib-prose --vocab-size 2048 \
+		--out $(DATA_DIR)/tokenizer
+	$(BIN)/cpmtp data shards --input builtin:stdlib-code --tokenizer $(DATA_DIR)/tokenizer \
+		--seq-len $(DATA_SEQ) --shard-size-mb 1 --heldout-fraction 0.02 --out $(DATA_DIR)/code
+	$(BIN)/cpmtp data shards --input builtin:stdlib-prose --tokenizer $(DATA_DIR)/tokenizer \
+		--seq-len $(DATA_SEQ) --shard-size-mb 0.25 --heldout-fraction 0.02 --out $(DATA_DIR)/prose
+	touch $@
+
+## Train configs/tiny.yaml (n=4, r=4) on CPU from a blend of the shards (80 % code, 20 % prose),
+## checkpoint it, and decode greedily from the checkpoint.
+demo: $(DATA_DIR)/.complete
+	$(BIN)/cpmtp train --config configs/tiny.yaml --run-dir $(DEMO_RUN) \
+		data.path="0.8 $(DATA_DIR)/code 0.2 $(DATA_DIR)/prose"
 	$(BIN)/cpmtp generate --checkpoint $(DEMO_RUN)/checkpoints --prompt-file configs/prompts/code.txt --max-new-tokens 80
 
 ## Lint and the whole test suite (CPU, gloo).
