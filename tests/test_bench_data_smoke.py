@@ -26,6 +26,8 @@ def test_quick_data_benchmark(tmp_path: Path) -> None:
     assert result["build"][0]["tokens"] == result["build"][1]["tokens"]  # same data whatever the workers
     assert result["loader"]["tokens"] == 30 * 8 * 129 and result["loader"]["tokens_per_s"] > 0
     assert len(result["training"]["tokens_per_s_all"]) >= 1
-    assert result["ratio"] == pytest.approx(result["loader"]["tokens_per_s"] / result["training"]["tokens_per_s"])
+    assert result["ratio"] == pytest.approx(
+        result["loader"]["tokens_per_s"] / result["training"]["tokens_per_s"]
+    )
     text = md.read_text()
     assert "kept" in text and text.count("<!-- data:begin -->") == 1 and "bench/data.py --quick" in text
