@@ -362,7 +362,7 @@ class _SplitWriter:
             # The final shard and the end of the split are recorded in one write, so that a build killed in
             # between cannot resume with the dropped tail forgotten.
             self.state["done"] = {"documents": documents, "dropped_tokens": int(len(pending))}
-            if self.shard_sequences:
+            if self.tar is not None:  # a shard is open (the last one may have just been closed full)
                 self._close_shard(None)
             else:
                 _save_progress(self.out_dir, self.progress)

@@ -451,3 +451,17 @@ def test_module_docstrings_in_source_order() -> None:
     )
     assert module_docstrings(source) == "Module.\n\nClass A.\n\nMore.\n\nMethod f.\n\nFunction h."
     assert module_docstrings("def broken(:\n") is None
+
+
+def test_a_shard_closed_full_by_the_last_sample_ends_the_split(
+    corpus: Path, tok_dir: Path, tmp_path: Path
+) -> None:
+    # A size limit below one sample closes every shard right after its sample, the last one included.
+    one_file = sorted((corpus / "part0").iterdir())[0]
+    manifest = build_shards(
+        [str(one_file)], tok_dir, SEQ_LEN, tmp_path / "tiny", shard_size_mb=1e-6, heldout_fraction=0.0,
+        progress_bar=False,
+    )  # fmt: skip
+    train = manifest["splits"]["train"]
+    assert len(train["shards"]) == train["sequences"] > 10
+    assert all(shard["sequences"] == 1 for shard in train["shards"])
