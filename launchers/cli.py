@@ -1,6 +1,6 @@
 """`cpmtp`: the command line. Each subcommand parses its arguments, builds, runs.
 
-cpmtp train --config configs/tiny.yaml [--run-dir DIR] [key=value ...]
+cpmtp train --config configs/tiny.yaml [--run-dir DIR] [--resume auto|CHECKPOINT] [key=value ...]
 cpmtp generate --checkpoint DIR --prompt TEXT [--max-new-tokens N]
 cpmtp data tokenizer --input PATH... --vocab-size N --out DIR [--model-type bpe|unigram]
 cpmtp data shards --input PATH... --tokenizer DIR --seq-len L --out DIR [--shard-size-mb M] [--workers W]
@@ -28,9 +28,22 @@ def _train(args: argparse.Namespace) -> int:
     run_dir = Path(
         args.run_dir or f"runs/{Path(args.config or 'default').stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
-    if (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
+    from cpmtp_dist.training.checkpoint import latest_checkpoint
+
+    resume = None
+    if args.resume == "auto":
+        resume = latest_checkpoint(run_dir / "checkpoints") if (run_dir / "checkpoints").exists() else None
+        if resume is None and int(os.environ.get("RANK", "0")) == 0:
+            print(f"--resume auto: no complete checkpoint in {run_dir / 'checkpoints'}; starting from step 0")
+    elif args.resume is not None:
+        resume = latest_checkpoint(Path(args.resume))
+        if resume is None:
+            print(f"error: --resume {args.resume}: no complete checkpoint there", file=sys.stderr)
+            return 2
+    elif (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
         print(
-            f"error: {run_dir} already holds checkpoints; pass another --run-dir (resuming is not available yet)",
+            f"error: {run_dir} already holds checkpoints: pass --resume auto to continue that run, or another "
+            "--run-dir",
             file=sys.stderr,
         )
         return 2
@@ -39,7 +52,7 @@ def _train(args: argparse.Namespace) -> int:
     from cpmtp_dist.training.trainer import train
 
     try:
-        result = train(cfg, run_dir)
+        result = train(cfg, run_dir, resume=resume)
     except ShardError as err:  # prepared data that cannot be read: the message says what to do
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -133,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a CP multi-token model")
     t.add_argument("--config", help="YAML config (defaults < file < overrides)")
     t.add_argument("--run-dir", help="run directory (default: runs/<config>-<time>)")
+    t.add_argument(
+        "--resume",
+        metavar="auto|CHECKPOINT",
+        help="continue a run: 'auto' from the newest complete checkpoint of --run-dir (none: start at step 0), "
+        "or from a checkpoint folder",
+    )
     t.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. model.cp.rank=8")
     t.set_defaults(fn=_train)
 

@@ -125,6 +125,37 @@ def gather_full_state_dict(model: nn.Module, groups: ParallelGroups) -> dict[str
 
 
 @torch.no_grad()
+def load_full_state_dict(model: nn.Module, full: dict[str, Tensor], groups: ParallelGroups) -> None:
+    """Copy this rank's part of an unsharded state dict (as `gather_full_state_dict` returns, from any
+    layout) into `model`: the inverse of the gather. Not collective."""
+    params = dict(model.named_parameters())
+    local = model.state_dict(keep_vars=True)
+    missing = []
+    for name, t in local.items():
+        if not torch.is_tensor(t):
+            continue
+        global_name = model.global_name(name) if hasattr(model, "global_name") else name
+        if global_name is None:  # the last stage's copy of the tied embedding
+            global_name = "trunk.embedding.word_embeddings.weight"
+        if global_name not in full:
+            missing.append(global_name)
+            continue
+        src = full[global_name]
+        p = params.get(name, t)
+        if groups.ep_size > 1 and getattr(p, "expert_parallel", False):
+            src = src.chunk(groups.ep_size, dim=0)[groups.ep_rank]
+        if groups.tp_size > 1 and getattr(p, "tensor_model_parallel", False):
+            src = src.chunk(groups.tp_size, dim=p.partition_dim)[groups.tp_rank]
+        if src.shape != t.shape:
+            raise ValueError(
+                f"{global_name}: the checkpoint holds {tuple(src.shape)}, this rank needs {tuple(t.shape)}"
+            )
+        t.copy_(src)
+    if missing:
+        raise ValueError(f"the checkpoint lacks {len(missing)} tensors of this model, e.g. {missing[:3]}")
+
+
+@torch.no_grad()
 def global_grad_norm(model: nn.Module, groups: ParallelGroups) -> float:
     """L2 norm of the whole model's gradient, each parameter counted once across model-parallel ranks
     (split parameters on every rank, replicated ones on model-parallel rank 0), as DeepSpeed counts."""

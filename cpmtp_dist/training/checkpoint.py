@@ -4,6 +4,7 @@ Layout of `<run_dir>/checkpoints/step_0000100/`:
     model.pt      full model state dict (loads into one process for inference)
     engine/       DeepSpeed engine state (optimizer, scheduler) for resuming
     meta.json     step, tokens seen, data-loader state
+    rng/          every rank's random-number generator states (rank_00000.pt, ...)
     config.yaml   the resolved config
     tokenizer/    the tokenizer the model was trained with
 
@@ -16,11 +17,13 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -39,6 +42,7 @@ def save_checkpoint(
     engine: Any = None,
     keep_last: int = 0,
     is_writer: bool = True,
+    rank: int = 0,
     barrier: Callable[[], None] = lambda: None,
 ) -> Path:
     """Write checkpoint `step` under `root` and return its folder.
@@ -57,6 +61,8 @@ def save_checkpoint(
     barrier()
     if engine is not None:
         engine.save_checkpoint(str(tmp / "engine"), tag="state", save_latest=False)
+    (tmp / "rng").mkdir(exist_ok=True)
+    torch.save(rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
     barrier()
     if not is_writer:
         barrier()
@@ -74,6 +80,24 @@ def save_checkpoint(
         _prune(root, keep_last)
     barrier()
     return final
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's generator states: torch (CPU and CUDA), numpy, Python."""
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
 
 
 def latest_checkpoint(root: Path) -> Path | None:

@@ -10,6 +10,7 @@ The auxiliary balancing loss is a per-micro-batch statistic and is averaged over
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -35,10 +36,11 @@ from cpmtp_dist.parallel.layout import (
     count_parameters,
     gather_full_state_dict,
     global_grad_norm,
+    load_full_state_dict,
 )
 from cpmtp_dist.parallel.pipeline import PipelineStage, prepare_trunk_for_schedule, run_schedule
 from cpmtp_dist.parallel.state import ParallelGroups, initialize_parallel
-from cpmtp_dist.training.checkpoint import save_checkpoint
+from cpmtp_dist.training.checkpoint import save_checkpoint, set_rng_state
 from cpmtp_dist.training.metrics import MetricsLogger, entropy, model_flops_per_token, peak_flops
 from cpmtp_dist.training.optim import build_engine
 
@@ -282,9 +284,43 @@ def optimizer_state_bytes(engine: Any) -> int:
     return int(total)
 
 
+def restore_checkpoint(folder: Path, engine: Any, loader: Any, groups: ParallelGroups) -> int:
+    """Load a checkpoint of the same layout into the engine, model, loader and generators; its step.
+
+    DeepSpeed restores the optimizer and scheduler (and its fp32 master weights); the module's weights are
+    then set from the gathered `model.pt` (DeepSpeed's own module file holds one data-parallel rank's
+    CP components only, which is wrong for the others under expert parallelism).
+    """
+    meta = json.loads((folder / "meta.json").read_text())
+    load_path, _ = engine.load_checkpoint(
+        str(folder / "engine"), tag="state", load_optimizer_states=True, load_lr_scheduler_states=True
+    )
+    if load_path is None:
+        raise FileNotFoundError(f"{folder / 'engine'}: no DeepSpeed state to resume from")
+    full = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
+    load_full_state_dict(engine.module, full, groups)
+    loader.load_state_dict(meta["loader"])
+    rng = folder / "rng" / f"rank_{groups.rank:05d}.pt"
+    if rng.exists():
+        set_rng_state(torch.load(rng, weights_only=False))
+    return int(meta["step"])
+
+
+def drop_metrics_after(path: Path, step: int) -> None:
+    """Keep the rows of steps <= `step`: a resumed run logs the later steps again."""
+    if path.exists():
+        rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(r + "\n" for r in rows))
+
+
 # --------------------------------------------------------------------------------------------------
-def train(cfg: Config, run_dir: Path) -> TrainResult:
-    """Train `cfg` and write the run directory (config, metrics, checkpoints)."""
+def train(cfg: Config, run_dir: Path, *, resume: Path | None = None) -> TrainResult:
+    """Train `cfg` and write the run directory (config, metrics, checkpoints).
+
+    With `resume` (a checkpoint folder of this run) training continues after the checkpoint's step with
+    the model, optimizer, scheduler, data-loader position and generator states it holds, so the steps
+    that follow are those of an uninterrupted run.
+    """
     par = cfg.parallel  # validated by config_io.validate_config before any group exists
     groups = initialize_parallel(par.tp, par.pp, par.ep, seed=cfg.train.seed)
     is_logger = groups.rank == 0
@@ -311,6 +347,10 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
         bf16=dtype == torch.bfloat16,
         mpu=DeepSpeedMPU(groups),
     )
+    if resume is not None and is_logger:
+        drop_metrics_after(
+            run_dir / "metrics.jsonl", int(json.loads((resume / "meta.json").read_text())["step"])
+        )
     logger = MetricsLogger(run_dir, enabled=is_logger, total_steps=t.steps)
     tokens_per_step = t.global_batch_size * cfg.model.trunk.seq_length
     flops_per_token, peak = model_flops_per_token(cfg.model), peak_flops(device)
@@ -335,14 +375,21 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
             engine=engine,
             keep_last=cfg.checkpoint.keep_last,
             is_writer=groups.rank == 0,
+            rank=groups.rank,
             barrier=dist.barrier,
         )
+
+    start = 0
+    if resume is not None:
+        start = restore_checkpoint(resume, engine, loader, groups)
+        if is_logger:
+            print(f"resumed from {resume} at step {start}", flush=True)
 
     metrics: dict[str, Any] = {}
     eval_metrics: dict[str, float] = {}
     last_ckpt = None
     tic = time.perf_counter()
-    for step in range(1, t.steps + 1):
+    for step in range(start + 1, t.steps + 1):
         log_now = step % t.log_every == 0 or step == t.steps
         metrics = train_step(engine, loader.next_step(), cfg, groups, log_now=log_now)
         if log_now:
