@@ -1,0 +1,113 @@
+"""A run killed with SIGKILL and resumed with `--resume auto` continues exactly as the uninterrupted run:
+the same loss at every step and the same final weights (fp32, CPU), on the in-memory corpus and on
+streamed shards (loader workers, whose positions travel in the checkpoint). An unfinished checkpoint
+folder left by a crash during a save is ignored."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from parity_config import PARITY
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS, EVERY, KILL_AFTER = 30, 8, 12
+ARGS = [
+    *PARITY,
+    f"train.steps={STEPS}",
+    "train.micro_batch_size=2",
+    "train.eval_batches=2",
+    "train.eval_every=10",
+    f"checkpoint.every={EVERY}",
+    "checkpoint.keep_last=3",
+]
+
+
+def command(run: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "launchers.cli", "train", "--config", "configs/tiny.yaml", "--run-dir", str(run),
+            *ARGS, *extra]  # fmt: skip
+
+
+def env(cache: Path) -> dict[str, str]:
+    return {**os.environ, "CPMTP_CACHE_DIR": str(cache), "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+
+
+def logged_steps(run: Path) -> int:
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    return max((json.loads(x)["step"] for x in path.read_text().splitlines() if x.strip()), default=0)
+
+
+def rows(run: Path) -> dict[int, dict]:
+    out: dict[int, dict] = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        out.setdefault(row["step"], {}).update(row)
+    return out
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("shards")
+    code = str(Path(json.__file__).parent)
+    for args in (
+        ["data", "tokenizer", "--input", code, "--vocab-size", "400", "--out", str(root / "tok")],
+        ["data", "shards", "--input", code, "--tokenizer", str(root / "tok"), "--seq-len", "32", "--out",
+         str(root / "d"), "--shard-size-mb", "0.02", "--heldout-fraction", "0.2"],
+    ):  # fmt: skip
+        res = subprocess.run(
+            [sys.executable, "-m", "launchers.cli", *args], cwd=ROOT, capture_output=True, text=True
+        )
+        assert res.returncode == 0, res.stderr[-3000:]
+    return root / "d"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["memory", "shards"])
+def test_sigkill_and_resume_equals_the_uninterrupted_run(tmp_path, shards, source):
+    extra = [] if source == "memory" else [f"data.path={shards}", "data.num_workers=2"]
+    cache = tmp_path / "cache"
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    done = subprocess.run(command(ref, *extra), cwd=ROOT, env=env(cache), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    proc = subprocess.Popen(command(run, *extra), cwd=ROOT, env=env(cache), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    deadline = time.time() + 600
+    while logged_steps(run) < KILL_AFTER and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = logged_steps(run)
+    assert EVERY < killed_at < STEPS
+    # A crash during a later save leaves an unfinished folder; the resume must not take it.
+    (run / "checkpoints" / "step_0000099.tmp").mkdir()
+    (run / "checkpoints" / "step_0000098").mkdir()
+
+    resumed = subprocess.run(command(run, *extra, "--resume", "auto"), cwd=ROOT, env=env(cache),
+                             capture_output=True, text=True)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    last_ckpt = (killed_at // EVERY) * EVERY
+    assert f"at step {last_ckpt}" in resumed.stdout
+
+    got, want = rows(run), rows(ref)
+    assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
+    for step in want:
+        assert got[step]["loss"] == pytest.approx(want[step]["loss"], abs=1e-6), step
+        assert got[step]["grad_norm"] == pytest.approx(want[step]["grad_norm"], rel=1e-5), step
+        if "eval_joint_loss" in want[step]:
+            assert got[step]["eval_joint_loss"] == pytest.approx(want[step]["eval_joint_loss"], abs=1e-6)
+    a = torch.load(run / "checkpoints" / f"step_{STEPS:07d}" / "model.pt", weights_only=True)
+    b = torch.load(ref / "checkpoints" / f"step_{STEPS:07d}" / "model.pt", weights_only=True)
+    for k, v in b.items():
+        if torch.is_tensor(v) and v.is_floating_point():
+            torch.testing.assert_close(a[k], v, rtol=0, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
