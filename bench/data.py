@@ -56,10 +56,20 @@ def input_bytes(inputs: list[str]) -> int:
     return sum(len(d.text.encode("utf-8", errors="surrogatepass")) for d in iter_documents(inputs))
 
 
-def build_row(inputs: list[str], tokenizer: Path, out: Path, workers: int, env: dict[str, str], nbytes: int):
+def build_row(
+    inputs: list[str],
+    tokenizer: Path,
+    out: Path,
+    workers: int,
+    env: dict[str, str],
+    nbytes: int,
+    shard_mb: float,
+    heldout: float,
+):
     wall, _ = cli(
         "data", "shards", "--input", *inputs, "--tokenizer", str(tokenizer), "--seq-len", str(SEQ_LEN),
-        "--out", str(out), "--workers", str(workers), "--shard-size-mb", "4", env=env,
+        "--out", str(out), "--workers", str(workers), "--shard-size-mb", str(shard_mb),
+        "--heldout-fraction", str(heldout), env=env,
     )  # fmt: skip
     manifest = json.loads((out / "manifest.json").read_text())
     tokens = sum(
@@ -124,7 +134,7 @@ def markdown(result: dict) -> str:
         "",
         f"Input: {' '.join(result['inputs'])} ({b1['input_mb']:.1f} MB of text, {b1['tokens']:,} tokens with the "
         f"tiny config's tokenizer of {result['vocab_size']}); `cpmtp data shards --seq-len {SEQ_LEN} "
-        "--shard-size-mb 4`.",
+        f"--shard-size-mb {result['shard_size_mb']:g}`.",
         "",
         "| shard building | wall (s) | MB/s | tokens/s | tokens/s per worker |",
         "|:---|---:|---:|---:|---:|",
@@ -157,19 +167,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, default=400, help="timed loader batches")
     p.add_argument("--warmup", type=int, default=20, help="loader batches before timing")
     p.add_argument("--train-steps", type=int, default=20)
+    p.add_argument("--shard-size-mb", type=float, default=4.0)
+    p.add_argument("--heldout-fraction", type=float, default=0.01)
     p.add_argument("--quick", action="store_true", help="smoke test: a small input, few batches and steps")
     p.add_argument("--work-dir", type=Path, help="keep the built tokenizer, shards and run here")
     args = p.parse_args(argv)
     if args.quick:
-        args.input = [str(Path(os.__file__).parent / "json")]
-        args.batches, args.warmup, args.train_steps = 30, 5, 6
+        args.input = [str(Path(os.__file__).parent / "email")]
+        # A small corpus: small shards, so that every loader worker has some.
+        args.batches, args.warmup, args.train_steps, args.shard_size_mb = 30, 5, 6, 0.05
+        args.heldout_fraction = 0.2
     command = "python bench/data.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     tmp = tempfile.TemporaryDirectory(prefix="cpmtp_bench_data_") if args.work_dir is None else None
     work = Path(tmp.name) if tmp else args.work_dir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     try:
-        vocab = 2048 if not args.quick else 512
+        vocab = 2048 if not args.quick else 400
         tok = work / "tokenizer"
         cli(
             "data",
@@ -183,15 +197,24 @@ def main(argv: list[str] | None = None) -> int:
             env=env,
         )
         nbytes = input_bytes(args.input)
-        builds = [build_row(args.input, tok, work / f"shards_w{w}", w, env, nbytes) for w in (1, 2)]
+        builds = [
+            build_row(
+                args.input,
+                tok,
+                work / f"shards_w{w}",
+                w,
+                env,
+                nbytes,
+                args.shard_size_mb,
+                args.heldout_fraction,
+            )
+            for w in (1, 2)
+        ]
         print(json.dumps(builds, indent=2), flush=True)
         shards = work / "shards_w2"
         loader = loader_row(shards, args.loader_workers, args.batches, args.warmup)
         print(json.dumps(loader), flush=True)
-        overrides_env = env
-        training = training_row(shards, args.loader_workers, args.train_steps, overrides_env, work)
-        if args.quick:
-            training["note"] = "quick: model.trunk.vocab_size 2048 with a 512 tokenizer"
+        training = training_row(shards, args.loader_workers, args.train_steps, env, work)
         ratio = loader["tokens_per_s"] / training["tokens_per_s"]
         result = {
             "command": command,
@@ -199,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             "platform": f"{platform.machine()} {platform.system()}, Python {platform.python_version()}",
             "inputs": args.input,
             "vocab_size": vocab,
+            "shard_size_mb": args.shard_size_mb,
             "build": builds,
             "loader": loader,
             "training": training,
