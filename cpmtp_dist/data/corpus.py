@@ -117,11 +117,7 @@ def stdlib_code_documents(
     Files that cannot be read or decoded as UTF-8 are skipped and counted in a log message; the text is kept
     byte-exact (``\\r\\n`` stays ``\\r\\n``) because the tokenizer must reproduce it.
     """
-    if split not in ("train", "valid"):
-        raise ValueError(f"split must be 'train' or 'valid', got {split!r}")
-    _check_fraction(heldout_fraction)
-    if max_chars < 0:
-        raise ValueError(f"max_chars must be >= 0, got {max_chars}")
+    check_split_args(split, heldout_fraction, max_chars)
     root = stdlib_root() if root is None else Path(root)
     want_heldout = split == "valid"
     docs: list[Document] = []
@@ -156,6 +152,15 @@ def corpus_stats(
         docs = stdlib_code_documents(split, heldout_fraction, max_chars, root=root)
         per_split[split] = SplitStats(documents=len(docs), chars=sum(len(d.text) for d in docs))
     return CorpusStats(root=str(root), train=per_split["train"], valid=per_split["valid"], skipped=skipped)
+
+
+def check_split_args(split: str, heldout_fraction: float, max_chars: int) -> None:
+    """The arguments every built-in corpus takes: a split name, a held-out fraction, a character cap."""
+    if split not in ("train", "valid"):
+        raise ValueError(f"split must be 'train' or 'valid', got {split!r}")
+    _check_fraction(heldout_fraction)
+    if max_chars < 0:
+        raise ValueError(f"max_chars must be >= 0, got {max_chars}")
 
 
 def _check_fraction(heldout_fraction: float) -> None:

@@ -25,8 +25,8 @@ from pathlib import Path
 from cpmtp_dist.data.corpus import (
     Document,
     Split,
-    _check_fraction,
     _read_text,
+    check_split_args,
     is_heldout,
     list_source_files,
     stdlib_root,
@@ -100,11 +100,7 @@ def stdlib_prose_documents(
 
     Parsing the standard library takes a few seconds; callers that need both splits should keep the results.
     """
-    if split not in ("train", "valid"):
-        raise ValueError(f"split must be 'train' or 'valid', got {split!r}")
-    _check_fraction(heldout_fraction)
-    if max_chars < 0:
-        raise ValueError(f"max_chars must be >= 0, got {max_chars}")
+    check_split_args(split, heldout_fraction, max_chars)
     root = stdlib_root() if root is None else Path(root)
     want_heldout = split == "valid"
     texts: dict[str, str] = {}
