@@ -111,3 +111,36 @@ def test_sigkill_and_resume_equals_the_uninterrupted_run(tmp_path, shards, sourc
     for k, v in b.items():
         if torch.is_tensor(v) and v.is_floating_point():
             torch.testing.assert_close(a[k], v, rtol=0, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+
+
+@pytest.mark.slow
+def test_resume_under_expert_parallelism(tmp_path):
+    """ep2 (each rank holds its own CP components): resuming from the step-4 checkpoint of a run gives the
+    steps 5..8 and final weights of that run."""
+    layout = [
+        "parallel.ep=2",
+        "optim.zero_stage=1",
+        "train.steps=8",
+        "checkpoint.every=4",
+        "train.eval_every=0",
+    ]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    cache = tmp_path / "cache"
+
+    def launch(run: Path, *extra: str) -> None:
+        cmd = [*torchrun, *command(run, *layout, *extra)[1:]]
+        res = subprocess.run(cmd, cwd=ROOT, env=env(cache), capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    launch(ref)
+    launch(run, "--resume", str(ref / "checkpoints" / "step_0000004"))
+    got, want = rows(run), rows(ref)
+    assert sorted(s for s in got if "loss" in got[s]) == [5, 6, 7, 8]
+    for step in (5, 6, 7, 8):
+        assert got[step]["loss"] == pytest.approx(want[step]["loss"], abs=1e-6), step
+    a = torch.load(run / "checkpoints" / "step_0000008" / "model.pt", weights_only=True)
+    b = torch.load(ref / "checkpoints" / "step_0000008" / "model.pt", weights_only=True)
+    for k, v in b.items():
+        if torch.is_tensor(v) and v.is_floating_point():
+            torch.testing.assert_close(a[k], v, rtol=0, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
