@@ -153,6 +153,8 @@ class CheckpointConfig:
     """Save every this many steps (0: only at the end)."""
     keep_last: int = 2
     """How many of the newest checkpoints to keep."""
+    keep_every: int = 0
+    """Also keep, for good, the checkpoints of steps that are multiples of this (0: none)."""
 
 
 @dataclass

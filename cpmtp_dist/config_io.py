@@ -340,6 +340,7 @@ _MINIMUMS: tuple[tuple[str, int | float, str], ...] = (
     ("data.tokenizer_vocab_size", 1, ""),
     ("data.max_chars", 0, " (0 means no cap)"),
     ("data.num_workers", 0, " (0 reads shards in the training process)"),
+    ("checkpoint.keep_every", 0, " (0 keeps no checkpoint beyond checkpoint.keep_last)"),
     ("data.shuffle_buffer", 1, " (1 means no buffer shuffling)"),
     ("checkpoint.every", 0, " (0 saves only at the end)"),
     ("checkpoint.keep_last", 1, ""),

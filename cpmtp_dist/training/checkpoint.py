@@ -41,6 +41,7 @@ def save_checkpoint(
     tokenizer_dir: Path | None,
     engine: Any = None,
     keep_last: int = 0,
+    keep_every: int = 0,
     is_writer: bool = True,
     rank: int = 0,
     barrier: Callable[[], None] = lambda: None,
@@ -77,7 +78,7 @@ def save_checkpoint(
     os.replace(tmp, final)
     _write_atomic(root / "latest", final.name)
     if keep_last > 0:
-        _prune(root, keep_last)
+        prune_checkpoints(root, keep_last, keep_every)
     barrier()
     return final
 
@@ -122,7 +123,12 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _prune(root: Path, keep_last: int) -> None:
+def prune_checkpoints(root: Path, keep_last: int, keep_every: int = 0) -> None:
+    """Delete complete checkpoints except the newest `keep_last` and those of steps that are multiples of
+    `keep_every` (when > 0). Unfinished `*.tmp` folders are left to the next save of their step."""
     done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
     for old in done[:-keep_last]:
+        step = int(old.name.removeprefix("step_"))
+        if keep_every > 0 and step % keep_every == 0:
+            continue
         shutil.rmtree(old)

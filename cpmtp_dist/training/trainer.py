@@ -374,6 +374,7 @@ def train(cfg: Config, run_dir: Path, *, resume: Path | None = None) -> TrainRes
             tokenizer_dir=data.tokenizer_dir,
             engine=engine,
             keep_last=cfg.checkpoint.keep_last,
+            keep_every=cfg.checkpoint.keep_every,
             is_writer=groups.rank == 0,
             rank=groups.rank,
             barrier=dist.barrier,
