@@ -56,6 +56,12 @@ def _train(args: argparse.Namespace) -> int:
     except ShardError as err:  # prepared data that cannot be read: the message says what to do
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if result.preempted:
+        from cpmtp_dist.training.preemption import PREEMPTED_EXIT_CODE
+
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"stopped by a signal after step {result.final_step}; continue with --resume auto")
+        return PREEMPTED_EXIT_CODE
     if int(os.environ.get("RANK", "0")) == 0:
         ev = result.eval_metrics
         print(

@@ -70,35 +70,28 @@ def shards(tmp_path_factory) -> Path:
     return root / "d"
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("source", ["memory", "shards"])
-def test_sigkill_and_resume_equals_the_uninterrupted_run(tmp_path, shards, source):
-    extra = [] if source == "memory" else [f"data.path={shards}", "data.num_workers=2"]
-    cache = tmp_path / "cache"
-    ref, run = tmp_path / "ref", tmp_path / "run"
-    done = subprocess.run(command(ref, *extra), cwd=ROOT, env=env(cache), capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, shards):
+    """The uninterrupted run of each data source, run once."""
+    done: dict[str, Path] = {}
 
-    proc = subprocess.Popen(command(run, *extra), cwd=ROOT, env=env(cache), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
-    deadline = time.time() + 600
-    while logged_steps(run) < KILL_AFTER and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    killed_at = logged_steps(run)
-    assert EVERY < killed_at < STEPS
-    # A crash during a later save leaves an unfinished folder; the resume must not take it.
-    (run / "checkpoints" / "step_0000099.tmp").mkdir()
-    (run / "checkpoints" / "step_0000098").mkdir()
+    def get(source: str) -> Path:
+        if source not in done:
+            ref = tmp_path_factory.mktemp("ref") / source
+            res = subprocess.run(command(ref, *data_args(source, shards)), cwd=ROOT,
+                                 env=env(ref.parent / "cache"), capture_output=True, text=True)  # fmt: skip
+            assert res.returncode == 0, res.stderr[-3000:]
+            done[source] = ref
+        return done[source]
 
-    resumed = subprocess.run(command(run, *extra, "--resume", "auto"), cwd=ROOT, env=env(cache),
-                             capture_output=True, text=True)  # fmt: skip
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    last_ckpt = (killed_at // EVERY) * EVERY
-    assert f"at step {last_ckpt}" in resumed.stdout
+    return get
 
+
+def data_args(source: str, shards: Path) -> list[str]:
+    return [] if source == "memory" else [f"data.path={shards}", "data.num_workers=2"]
+
+
+def assert_same_run(run: Path, ref: Path) -> None:
     got, want = rows(run), rows(ref)
     assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
     for step in want:
@@ -111,6 +104,60 @@ def test_sigkill_and_resume_equals_the_uninterrupted_run(tmp_path, shards, sourc
     for k, v in b.items():
         if torch.is_tensor(v) and v.is_floating_point():
             torch.testing.assert_close(a[k], v, rtol=0, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def start_and_signal(run: Path, extra: list[str], cache: Path, sig: int) -> tuple[int, str]:
+    """Start a run, send it `sig` once it has logged step KILL_AFTER; its exit status and output."""
+    log = run.with_name(run.name + ".out")
+    with log.open("w") as out:
+        proc = subprocess.Popen(command(run, *extra), cwd=ROOT, env=env(cache), stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        deadline = time.time() + 600
+        while logged_steps(run) < KILL_AFTER and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run ended before the signal"
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout=300)
+    return proc.returncode, log.read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["memory", "shards"])
+def test_sigkill_and_resume_equals_the_uninterrupted_run(tmp_path, shards, reference, source):
+    extra = data_args(source, shards)
+    cache = tmp_path / "cache"
+    ref, run = reference(source), tmp_path / "run"
+
+    start_and_signal(run, extra, cache, signal.SIGKILL)
+    killed_at = logged_steps(run)
+    assert EVERY < killed_at < STEPS
+    # A crash during a later save leaves an unfinished folder; the resume must not take it.
+    (run / "checkpoints" / "step_0000099.tmp").mkdir()
+    (run / "checkpoints" / "step_0000098").mkdir()
+
+    resumed = subprocess.run(command(run, *extra, "--resume", "auto"), cwd=ROOT, env=env(cache),
+                             capture_output=True, text=True)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    last_ckpt = (killed_at // EVERY) * EVERY
+    assert f"at step {last_ckpt}" in resumed.stdout
+
+    assert_same_run(run, ref)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR2], ids=["SIGTERM", "SIGUSR2"])
+def test_preemption_signal_saves_and_exits_and_the_resume_continues(tmp_path, shards, reference, sig):
+    cache, run = tmp_path / "cache", tmp_path / "run"
+    returncode, out = start_and_signal(run, [], cache, sig)
+    assert returncode == 3, out[-3000:]
+    stopped = logged_steps(run)
+    assert KILL_AFTER <= stopped < STEPS
+    assert f"checkpoint {run / 'checkpoints' / f'step_{stopped:07d}'} saved after step {stopped}" in out
+    resumed = subprocess.run(command(run, "--resume", "auto"), cwd=ROOT, env=env(cache),
+                             capture_output=True, text=True)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"at step {stopped}" in resumed.stdout
+    assert_same_run(run, reference("memory"))
 
 
 @pytest.mark.slow

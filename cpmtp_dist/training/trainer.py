@@ -43,6 +43,7 @@ from cpmtp_dist.parallel.state import ParallelGroups, initialize_parallel
 from cpmtp_dist.training.checkpoint import save_checkpoint, set_rng_state
 from cpmtp_dist.training.metrics import MetricsLogger, entropy, model_flops_per_token, peak_flops
 from cpmtp_dist.training.optim import build_engine
+from cpmtp_dist.training.preemption import PreemptionWatch
 
 
 @dataclass
@@ -52,6 +53,8 @@ class TrainResult:
     final_metrics: dict[str, Any]
     eval_metrics: dict[str, float]
     checkpoint: Path | None
+    preempted: bool = False
+    """The run stopped early on SIGTERM / SIGUSR2, after saving `checkpoint`."""
 
 
 def resolve_precision(cfg: Config) -> tuple[torch.device, torch.dtype]:
@@ -390,35 +393,44 @@ def train(cfg: Config, run_dir: Path, *, resume: Path | None = None) -> TrainRes
     eval_metrics: dict[str, float] = {}
     last_ckpt = None
     tic = time.perf_counter()
-    for step in range(start + 1, t.steps + 1):
-        log_now = step % t.log_every == 0 or step == t.steps
-        metrics = train_step(engine, loader.next_step(), cfg, groups, log_now=log_now)
-        if log_now:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            elapsed = time.perf_counter() - tic
-            steps_done = t.log_every if step % t.log_every == 0 else step % t.log_every
-            tps = tokens_per_step * steps_done / elapsed
-            metrics |= {
-                "loss": metrics["joint_loss"] + cfg.model.cp.aux_loss_weight * metrics["aux_loss"],
-                "lr": engine.get_lr()[0],
-                "tokens_per_s": tps,
-                "tokens_seen": step * tokens_per_step,
-            }
-            skipped = getattr(loader, "skipped_shards", None)
-            if skipped is not None:
-                metrics["data_skipped_shards"] = skipped
-            if step == t.log_every or step == t.steps:
-                metrics["optim_state_mib_rank0"] = optimizer_state_bytes(engine) / 2**20
-            if peak is not None:
-                metrics["mfu"] = tps * flops_per_token / (peak * groups.world_size)
-                metrics["max_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-            logger.log(step, metrics)
-            tic = time.perf_counter()
-        if t.eval_every and step % t.eval_every == 0 and step != t.steps:
-            logger.log(step, evaluate(engine, valid, cfg, groups))
-        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
-            last_ckpt = checkpoint(step)
+    watch = PreemptionWatch(device)
+    with watch:
+        for step in range(start + 1, t.steps + 1):
+            log_now = step % t.log_every == 0 or step == t.steps
+            metrics = train_step(engine, loader.next_step(), cfg, groups, log_now=log_now)
+            if log_now:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                elapsed = time.perf_counter() - tic
+                steps_done = t.log_every if step % t.log_every == 0 else step % t.log_every
+                tps = tokens_per_step * steps_done / elapsed
+                metrics |= {
+                    "loss": metrics["joint_loss"] + cfg.model.cp.aux_loss_weight * metrics["aux_loss"],
+                    "lr": engine.get_lr()[0],
+                    "tokens_per_s": tps,
+                    "tokens_seen": step * tokens_per_step,
+                }
+                skipped = getattr(loader, "skipped_shards", None)
+                if skipped is not None:
+                    metrics["data_skipped_shards"] = skipped
+                if step == t.log_every or step == t.steps:
+                    metrics["optim_state_mib_rank0"] = optimizer_state_bytes(engine) / 2**20
+                if peak is not None:
+                    metrics["mfu"] = tps * flops_per_token / (peak * groups.world_size)
+                    metrics["max_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+                logger.log(step, metrics)
+                tic = time.perf_counter()
+            if t.eval_every and step % t.eval_every == 0 and step != t.steps:
+                logger.log(step, evaluate(engine, valid, cfg, groups))
+            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+                last_ckpt = checkpoint(step)
+            if watch.agreed():
+                if last_ckpt is None or not last_ckpt.name.endswith(f"{step:07d}"):
+                    last_ckpt = checkpoint(step)
+                if is_logger:
+                    print(f"preempted: checkpoint {last_ckpt} saved after step {step}", flush=True)
+                logger.close()
+                return TrainResult(run_dir, step, metrics, {}, last_ckpt, preempted=True)
     eval_metrics = evaluate(engine, valid, cfg, groups)
     logger.log(t.steps, eval_metrics)
     if last_ckpt is None or not last_ckpt.name.endswith(f"{t.steps:07d}"):
