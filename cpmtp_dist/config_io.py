@@ -23,7 +23,6 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 import yaml
 
 from cpmtp_dist.config import Config
-from cpmtp_dist.data.shards import parse_data_path
 
 __all__ = ["ConfigError", "config_to_dict", "load_config", "save_config", "validate_config"]
 
@@ -471,6 +470,9 @@ def validate_config(
                 "data.path='' is empty: set it to a folder of prepared shards, or null for data.corpus"
             )
         else:
+            # Imported here: the shard reader pulls in torch and webdataset, which loading a config does not need.
+            from cpmtp_dist.data.shards import parse_data_path
+
             try:
                 parse_data_path(data.path)
             except ValueError as err:
