@@ -31,7 +31,6 @@ globbing ``shard-*.tar`` never sees a partial one.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -50,14 +49,13 @@ import numpy as np
 from tqdm import tqdm
 
 from cpmtp_dist.data.corpus import is_heldout
+from cpmtp_dist.data.shards import FORMAT, MANIFEST, file_sha256
 from cpmtp_dist.data.tokenizer import CARD_FILE, MODEL_FILE, Tokenizer, load_tokenizer
 from data_pipelines.sources import iter_documents
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "cpmtp_dist.shards/v1"
 PROGRESS_FORMAT = "cpmtp_dist.shards.progress/v1"
-MANIFEST_FILE = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
 BUILD_DIR = ".build"
 PROGRESS_FILE = "progress.json"
@@ -162,7 +160,7 @@ def build_shards(
             "the held-out split has no sample (%d documents): raise --heldout-fraction or lower --seq-len",
             manifest["splits"]["valid"]["documents"],
         )
-    _write_json(out_dir / MANIFEST_FILE, manifest)
+    _write_json(out_dir / MANIFEST, manifest)
     shutil.rmtree(out_dir / BUILD_DIR)
     return manifest
 
@@ -192,7 +190,7 @@ def _load_tokenizer(tokenizer_dir: Path) -> Tokenizer:
 
 def _finished_manifest(out_dir: Path, settings: ShardSettings) -> dict[str, Any] | None:
     """The manifest already in ``out_dir`` if it is this build; ValueError if it is another one."""
-    path = out_dir / MANIFEST_FILE
+    path = out_dir / MANIFEST
     if not path.is_file():
         return None
     manifest = json.loads(path.read_text())
@@ -269,7 +267,11 @@ def _verified_prefix(out_dir: Path, shards: list[dict[str, Any]]) -> list[dict[s
     """The leading shards whose files exist with the recorded size and sha256."""
     for k, shard in enumerate(shards):
         file = out_dir / shard["file"]
-        if not file.is_file() or file.stat().st_size != shard["bytes"] or _sha256(file) != shard["sha256"]:
+        if (
+            not file.is_file()
+            or file.stat().st_size != shard["bytes"]
+            or file_sha256(file) != shard["sha256"]
+        ):
             return shards[:k]
     return shards
 
@@ -405,7 +407,7 @@ class _SplitWriter:
                 "file": final.relative_to(self.out_dir).as_posix(),
                 "sequences": self.shard_sequences,
                 "bytes": final.stat().st_size,
-                "sha256": _sha256(final),
+                "sha256": file_sha256(final),
                 "resume": resume,
             }
         )
@@ -518,11 +520,3 @@ def _save_progress(out_dir: Path, progress: dict[str, Any]) -> None:
     """Replace the progress file. Compact JSON: it is rewritten after every shard and grows with their number
     (about 200 bytes per shard, so 1 MB after 5000 shards of 64 MiB, rewritten once per 64 MiB written)."""
     _write_json(out_dir / BUILD_DIR / PROGRESS_FILE, progress, indent=None)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -166,7 +166,7 @@ def parse_data_path(spec: str) -> list[tuple[float, str]]:
 # reading one shard
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -178,7 +178,7 @@ def read_shard(info: ShardInfo, dtype: np.dtype, sample_tokens: int, *, verify: 
     """The samples of one shard, in order. Raises ShardError (naming the file) for a checksum that differs
     from the manifest, an unreadable or truncated tar, a malformed sample, or a wrong sample count."""
     if verify:
-        digest = _sha256(info.path)
+        digest = file_sha256(info.path)
         if digest != info.sha256:
             raise ShardError(
                 f"{info.path}: sha256 {digest[:12]}… differs from the manifest's {info.sha256[:12]}…: the shard "
@@ -331,7 +331,7 @@ class ShardStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
-        w = (((info.id if info else 0) + self.rotation) % self.workers) if info else self.rotation
+        w = ((info.id if info else 0) + self.rotation) % self.workers  # this reader's logical index
         g = self.dp_rank * self.workers + w
         saved = self.worker_states[w] or {}
         states = [_SourceState(**s) for s in saved.get("sources", [{} for _ in self.sets])]
@@ -452,7 +452,7 @@ class ShardLoader:
         return {
             "kind": "shards",
             "batches": self._batches,
-            "workers": [None if s is None else json.loads(json.dumps(s)) for s in self._states],
+            "workers": list(self._states),  # each state is a fresh dict per batch, never changed after
             "fingerprint": self._fingerprint(),
         }
 
