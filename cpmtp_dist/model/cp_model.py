@@ -15,7 +15,6 @@ from cpmtp_dist.model.cp_head import IGNORE_INDEX, CPHead
 from cpmtp_dist.model.cp_loss import CPLossOutput, cp_loss, load_balancing_loss
 from cpmtp_dist.model.drafting import Draft, draft, next_token_log_probs
 from cpmtp_dist.model.trunk import (
-    TIED_COPY,
     build_trunk,
     global_param_name,
     init_trunk_weights,
@@ -93,15 +92,14 @@ class CPModel(nn.Module):
         """The trunk's tied (V, d) unembedding, shared by the `shared` parameterisation."""
         return unembedding_weight(self.trunk)
 
-    def global_name(self, name: str) -> str | None:
-        """The single-stage model's name of this stage's state-dict key `name`; None for the last
-        stage's copy of the tied unembedding (the first stage holds the parameter)."""
+    def global_name(self, name: str) -> str:
+        """The single-stage model's name of this stage's state-dict key `name` (the last stage's copy
+        of the tied unembedding is the word embedding)."""
         if self.stage.size == 1 or not name.startswith("trunk."):
             return name
-        local = name.removeprefix("trunk.")
-        if local == TIED_COPY:
-            return None
-        return "trunk." + global_param_name(local, self.stage, self.cfg.trunk.num_layers)
+        return "trunk." + global_param_name(
+            name.removeprefix("trunk."), self.stage, self.cfg.trunk.num_layers
+        )
 
     def stage_output(self, tokens: Tensor) -> Tensor:
         """This pipeline stage's output [T, B, d] (sequence-first, as megatron passes it between stages;

@@ -116,9 +116,9 @@ def gather_full_state_dict(model: nn.Module, groups: ParallelGroups) -> dict[str
         return out
     mine = {}
     for name, t in out.items():
-        full_name = model.global_name(name)
-        if full_name is not None:
-            mine[full_name] = t.cpu() if torch.is_tensor(t) else t
+        if getattr(params.get(name), "ds_pipe_replicated", False):
+            continue  # the last stage's copy of the tied embedding: the first stage sends the parameter
+        mine[model.global_name(name)] = t.cpu() if torch.is_tensor(t) else t
     stages: list[dict[str, Tensor] | None] = [None] * groups.pp_size
     dist.all_gather_object(stages, mine, group=groups.pp_group)
     return {name: t for part in stages for name, t in part.items()}
@@ -134,9 +134,7 @@ def load_full_state_dict(model: nn.Module, full: dict[str, Tensor], groups: Para
     for name, t in local.items():
         if not torch.is_tensor(t):
             continue
-        global_name = model.global_name(name) if hasattr(model, "global_name") else name
-        if global_name is None:  # the last stage's copy of the tied embedding
-            global_name = "trunk.embedding.word_embeddings.weight"
+        global_name = model.global_name(name) if groups.pp_size > 1 else name
         if global_name not in full:
             missing.append(global_name)
             continue

@@ -350,11 +350,6 @@ def train(cfg: Config, run_dir: Path, *, resume: Path | None = None) -> TrainRes
         bf16=dtype == torch.bfloat16,
         mpu=DeepSpeedMPU(groups),
     )
-    if resume is not None and is_logger:
-        drop_metrics_after(
-            run_dir / "metrics.jsonl", int(json.loads((resume / "meta.json").read_text())["step"])
-        )
-    logger = MetricsLogger(run_dir, enabled=is_logger, total_steps=t.steps)
     tokens_per_step = t.global_batch_size * cfg.model.trunk.seq_length
     flops_per_token, peak = model_flops_per_token(cfg.model), peak_flops(device)
     n_params = count_parameters(model, groups)
@@ -387,7 +382,9 @@ def train(cfg: Config, run_dir: Path, *, resume: Path | None = None) -> TrainRes
     if resume is not None:
         start = restore_checkpoint(resume, engine, loader, groups)
         if is_logger:
+            drop_metrics_after(run_dir / "metrics.jsonl", start)
             print(f"resumed from {resume} at step {start}", flush=True)
+    logger = MetricsLogger(run_dir, enabled=is_logger, total_steps=t.steps)
 
     metrics: dict[str, Any] = {}
     eval_metrics: dict[str, float] = {}
