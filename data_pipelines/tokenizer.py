@@ -11,12 +11,11 @@ cut into pieces, and a vocabulary that has seen the validation text does not lea
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from cpmtp_dist.data.tokenizer import CARD_FILE, SentencePieceTokenizer, train_sentencepiece
+from cpmtp_dist.data.tokenizer import CARD_FILE, SentencePieceTokenizer, atomic_write, train_sentencepiece
 from data_pipelines.sources import iter_documents
 
 MODEL_TYPES = ("bpe", "unigram")
@@ -76,7 +75,5 @@ def build_tokenizer(
     card_path = out_dir / CARD_FILE
     card = json.loads(card_path.read_text())
     card.update(inputs=list(inputs), documents=count)
-    tmp = card_path.with_name(f".{CARD_FILE}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(card, indent=2) + "\n")
-    os.replace(tmp, card_path)
+    atomic_write(card_path, (json.dumps(card, indent=2) + "\n").encode())
     return TokenizerResult(tokenizer=tok, out_dir=out_dir, documents=count)

@@ -475,7 +475,13 @@ class ShardLoader:
 
 
 def valid_batches(
-    sets: list[ShardSet], micro_batch_size: int, num_batches: int, *, dp_rank: int = 0, dp_size: int = 1
+    sets: list[ShardSet],
+    micro_batch_size: int,
+    num_batches: int,
+    *,
+    dp_rank: int = 0,
+    dp_size: int = 1,
+    verify: bool = True,
 ) -> list[torch.Tensor]:
     """A fixed list of held-out micro-batches: the first samples of the valid splits (datasets in the order
     of data.path, shards in manifest order); rank k takes every dp-th batch starting at k."""
@@ -483,7 +489,7 @@ def valid_batches(
     rows: list[np.ndarray] = []
     for s in sets:
         for info in s.splits["valid"]:
-            for sample in read_shard(info, s.dtype, s.seq_len + 1, verify=True):
+            for sample in read_shard(info, s.dtype, s.seq_len + 1, verify=verify):
                 rows.append(sample)
                 if len(rows) == want:
                     break

@@ -95,7 +95,9 @@ def build_training_data(cfg: Config, *, dp_rank: int, dp_size: int) -> TrainingD
         verify_checksums=d.verify_checksums,
         skip_corrupt_shards=d.skip_corrupt_shards,
     )
-    valid = valid_batches(sets, t.micro_batch_size, t.eval_batches, dp_rank=dp_rank, dp_size=dp_size)
+    valid = valid_batches(
+        sets, t.micro_batch_size, t.eval_batches, dp_rank=dp_rank, dp_size=dp_size, verify=d.verify_checksums
+    )
     sequences = sum(i.sequences for s in sets for i in s.splits["train"])
     desc = (
         f"{' + '.join(str(s.root) for s in sets)}: {sequences * (seq_length + 1):,} training tokens in shards"

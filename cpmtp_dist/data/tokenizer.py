@@ -106,7 +106,7 @@ class ByteTokenizer:
         }
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out_dir / CARD_FILE, (json.dumps(card, indent=2) + "\n").encode())
+        atomic_write(out_dir / CARD_FILE, (json.dumps(card, indent=2) + "\n").encode())
 
 
 class SentencePieceTokenizer:
@@ -259,7 +259,7 @@ def train_sentencepiece(
     )
     train_seconds = time.perf_counter() - start
     model_bytes = model.getvalue()
-    _atomic_write(out_dir / MODEL_FILE, model_bytes)
+    atomic_write(out_dir / MODEL_FILE, model_bytes)
     tok = SentencePieceTokenizer(out_dir / MODEL_FILE)
     card = {
         "kind": "sentencepiece",
@@ -279,11 +279,11 @@ def train_sentencepiece(
         "train_seconds": round(train_seconds, 3),
         "sentencepiece_version": spm.__version__,
     }
-    _atomic_write(out_dir / CARD_FILE, (json.dumps(card, indent=2) + "\n").encode())
+    atomic_write(out_dir / CARD_FILE, (json.dumps(card, indent=2) + "\n").encode())
     return tok
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
     """Write via a temporary file and rename, so a concurrent reader never sees a half-written file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_bytes(data)
