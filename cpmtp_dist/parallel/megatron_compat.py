@@ -10,7 +10,7 @@ below is scoped to the megatron module (or function) that needs it:
 * the PP tied-embedding sync runs with ``Tensor.cuda()`` as the identity, for that one method call only.
 
 Covered (checked: 1 process, TP2 and PP2 on gloo match the single process): the dense GPT trunk (local layer
-spec), tensor-parallel mappings/layers, RoPE, pipeline p2p and schedules, activation-recompute RNG handling. Not covered (not on our paths): MoE token dispatchers, megatron's
+spec), tensor-parallel mappings/layers, RoPE, pipeline p2p and schedules, activation-recompute RNG handling, dist_checkpointing (torch_dist) save and load. Not covered (not on our paths): MoE token dispatchers, megatron's
 optimizers / clip-grad / DDP buffers, inference contexts, TransformerEngine and apex fusions.
 """
 
@@ -89,6 +89,11 @@ _TORCH_SCOPED_MODULES = {
     "megatron.core.pipeline_parallel.schedules": 'torch.zeros(..., device="cuda")',
     # GlobalMemoryBuffer (the attention score buffer) allocates on current_device().
     "megatron.core.utils": "GlobalMemoryBuffer on current_device()",
+    # dist_checkpointing's torch_dist writer copies tensors to the host, then torch.cuda.synchronize().
+    "megatron.core.dist_checkpointing.strategies.filesystem_async": "cuda.synchronize() after the host copy",
+    # the save's failure flag and the async queue's liveness flag are tensors on current_device().
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver": "flags on current_device()",
+    "megatron.core.dist_checkpointing.strategies.async_utils": "flags on current_device(), cuda.synchronize()",
     # non-vanilla softmax offsets are created on current_device().
     "megatron.core.transformer.dot_product_attention": "softmax_offset on current_device()",
 }
