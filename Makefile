@@ -36,10 +36,12 @@ demo: $(DATA_DIR)/.complete
 		data.path="0.8 $(DATA_DIR)/code 0.2 $(DATA_DIR)/prose"
 	$(BIN)/cpmtp generate --checkpoint $(DEMO_RUN)/checkpoints --prompt-file configs/prompts/code.txt --max-new-tokens 80
 
-## Lint and the whole test suite (CPU, gloo).
+## Lint and the whole test suite (CPU, gloo). As root, Debian's Slurm and munge are installed first when
+## missing, for the tests on a one-node Slurm cluster (tests/slurm_cluster.py); elsewhere those skip.
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/python tests/slurm_cluster.py install
 	$(BIN)/python -m pytest -q
 
 format: $(STAMP)
