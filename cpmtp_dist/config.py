@@ -155,6 +155,30 @@ class CheckpointConfig:
     """How many of the newest checkpoints to keep."""
     keep_every: int = 0
     """Also keep, for good, the checkpoints of steps that are multiples of this (0: none)."""
+    async_save: bool = False
+    """Write the weights and optimizer state in a background process while training goes on; the
+    checkpoint appears (renamed into place, `latest` updated) once every rank has written its part."""
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow tracking, by rank 0 only: config as params, metrics, system metrics, artifacts."""
+
+    enabled: bool = True
+    """Track the run in MLflow (`cpmtp train --tracking-uri none` sets this to false)."""
+    uri: str | None = None
+    """MLflow tracking URI, e.g. http://127.0.0.1:5000; None: a sqlite file in the run directory,
+    sqlite:///<run_dir>/mlflow.db (`cpmtp train --tracking-uri URI` sets it)."""
+    experiment: str | None = None
+    """MLflow experiment; None: the config file's stem under `cpmtp train --config`, else "cpmtp"."""
+    system_metrics: bool = True
+    """Also log MLflow's system metrics (CPU, memory, disk, network, GPU) as `system/...`."""
+    system_metrics_interval_s: float = 10.0
+    """Seconds between two system-metric samples."""
+    retry_every_s: float = 30.0
+    """While the tracking server does not answer, retry sending what is buffered this often."""
+    flush_timeout_s: float = 30.0
+    """At the end of the run, wait at most this long for buffered metrics and artifacts to be sent."""
 
 
 @dataclass
@@ -165,3 +189,4 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)

@@ -558,6 +558,20 @@ def validate_config(
             "optim.zero_stage to 1 or 2"
         )
 
+    # --- tracking ------------------------------------------------------------------------------
+    for name in ("system_metrics_interval_s", "retry_every_s"):
+        if ok(f"tracking.{name}") and not get(f"tracking.{name}") > 0:
+            problems.append(f"tracking.{name}={get(f'tracking.{name}')} must be > 0: e.g. 10")
+    if ok("tracking.flush_timeout_s") and not cfg.tracking.flush_timeout_s >= 0:
+        problems.append(
+            f"tracking.flush_timeout_s={cfg.tracking.flush_timeout_s} must be >= 0 (0: do not wait at the end)"
+        )
+    if ok("tracking.uri") and cfg.tracking.uri is not None and not cfg.tracking.uri.strip():
+        problems.append(
+            "tracking.uri='' is empty: set it to a tracking URI such as http://127.0.0.1:5000, or null for "
+            "the run directory's sqlite file (tracking.enabled=false turns tracking off)"
+        )
+
     if world_size is not None:
         if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
             problems.append(f"world_size={world_size!r} must be a positive integer (the number of processes)")

@@ -1,7 +1,10 @@
 """`cpmtp`: the command line. Each subcommand parses its arguments, builds, runs.
 
-cpmtp train --config configs/tiny.yaml [--run-dir DIR] [--resume auto|CHECKPOINT] [key=value ...]
+cpmtp train --config configs/tiny.yaml [--run-dir DIR] [--resume auto|CHECKPOINT] [--nproc-per-node N]
+            [--tracking-uri URI|none] [--experiment NAME] [key=value ...]
 cpmtp generate --checkpoint DIR --prompt TEXT [--max-new-tokens N]
+cpmtp submit --nodes N [--gpus-per-node G | --tasks-per-node K] --time T [--partition P] --config FILE
+             [--run-dir DIR] [key=value ...] [-- more `cpmtp train` arguments]
 cpmtp data tokenizer --input PATH... --vocab-size N --out DIR [--model-type bpe|unigram]
 cpmtp data shards --input PATH... --tokenizer DIR --seq-len L --out DIR [--shard-size-mb M] [--workers W]
 """
@@ -21,13 +24,28 @@ def _train(args: argparse.Namespace) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
-        validate_config(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        if args.tracking_uri is not None:  # the flags win over the file and the overrides
+            if args.tracking_uri.lower() == "none":
+                cfg.tracking.enabled = False
+            else:
+                cfg.tracking.uri = args.tracking_uri
+        if args.experiment is not None:
+            cfg.tracking.experiment = args.experiment
+        if cfg.tracking.experiment is None:
+            cfg.tracking.experiment = Path(args.config).stem if args.config else "cpmtp"
+        launch = args.nproc_per_node > 1 and "WORLD_SIZE" not in os.environ
+        world = args.nproc_per_node if launch else int(os.environ.get("WORLD_SIZE", "1"))
+        validate_config(cfg, world_size=world)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     run_dir = Path(
         args.run_dir or f"runs/{Path(args.config or 'default').stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
+    if launch:  # this process becomes the launcher of the ranks, which run this command again
+        from launchers.local import child_argv, run_local
+
+        return run_local(args.nproc_per_node, child_argv(args.argv, str(run_dir)))
     from cpmtp_dist.training.checkpoint import latest_checkpoint
 
     resume = None
@@ -48,12 +66,22 @@ def _train(args: argparse.Namespace) -> int:
         )
         return 2
 
+    from cpmtp_dist.config_io import config_to_dict
+    from cpmtp_dist.training.tracking import maybe_build_tracker
+
+    # Started before the trainer's imports (torch, Megatron, DeepSpeed): MLflow's own imports run beside them.
+    is_rank0 = int(os.environ.get("RANK", "0")) == 0
+    tracker = maybe_build_tracker(cfg.tracking, run_dir, enabled=is_rank0, params=config_to_dict(cfg))
+
     from cpmtp_dist.data.shards import ShardError
+    from cpmtp_dist.training.checkpoint import ResumeError
     from cpmtp_dist.training.trainer import train
 
     try:
-        result = train(cfg, run_dir, resume=resume)
-    except ShardError as err:  # prepared data that cannot be read: the message says what to do
+        result = train(cfg, run_dir, resume=resume, tracker=tracker)
+    except (ShardError, ResumeError) as err:  # unusable data or checkpoint: the message says what to do
+        if tracker is not None:
+            tracker.discard()
         print(f"error: {err}", file=sys.stderr)
         return 2
     if result.preempted:
@@ -69,6 +97,12 @@ def _train(args: argparse.Namespace) -> int:
             f"next-token loss {ev['eval_ntp_loss']:.4f}; checkpoint {result.checkpoint}"
         )
     return 0
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from launchers.submit import submit
+
+    return submit(args)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -158,8 +192,52 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue a run: 'auto' from the newest complete checkpoint of --run-dir (none: start at step 0), "
         "or from a checkpoint folder",
     )
+    t.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run N ranks on this machine (torchrun with a standalone rendezvous); under a launcher: ignored",
+    )
+    t.add_argument(
+        "--tracking-uri",
+        metavar="URI|none",
+        help="MLflow tracking URI, e.g. http://127.0.0.1:5000 (sets tracking.uri; default: a sqlite file in the "
+        "run directory); 'none' turns tracking off",
+    )
+    t.add_argument(
+        "--experiment", help="MLflow experiment (sets tracking.experiment; default: the config file's stem)"
+    )
     t.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. model.cp.rank=8")
     t.set_defaults(fn=_train)
+
+    s = sub.add_parser(
+        "submit",
+        help="train on Slurm through submitit: one task per GPU, checkpoint and requeue before the time limit",
+    )
+    s.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    s.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node, one task each (0: a CPU job)")
+    s.add_argument("--tasks-per-node", type=int, help="processes per node of a CPU job (default 1)")
+    s.add_argument("--cpus-per-task", type=int, help="CPUs per task")
+    s.add_argument("--partition", help="Slurm partition (default: the cluster's default)")
+    s.add_argument("--time", required=True, help="time limit of each run: minutes, H:M:S or D-H:M:S")
+    s.add_argument(
+        "--signal-delay", type=int, default=120, help="seconds before the limit at which the run checkpoints"
+    )
+    s.add_argument(
+        "--max-timeouts", type=int, default=20, help="requeues after a time limit before the job gives up"
+    )
+    s.add_argument("--job-name", help="Slurm job name (default: cpmtp-<run dir name>)")
+    s.add_argument("--folder", help="submitit's folder for job files and logs (default: RUN_DIR/submitit)")
+    s.add_argument("--config", help="YAML config (defaults < file < overrides)")
+    s.add_argument("--run-dir", help="run directory (default: runs/<config>-<time>), kept across requeues")
+    s.add_argument(
+        "--resume", metavar="auto|CHECKPOINT", help="continue an earlier run; requeued runs always use 'auto'"
+    )
+    s.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="overrides; after `--`, any `cpmtp train` arguments"
+    )
+    s.set_defaults(fn=_submit)
 
     g = sub.add_parser("generate", help="decode from a checkpoint")
     g.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run's checkpoints/ folder")
@@ -214,6 +292,7 @@ def quiet_known_warnings() -> None:
 def main(argv: list[str] | None = None) -> int:
     quiet_known_warnings()
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     return args.fn(args)
 
 

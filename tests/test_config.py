@@ -403,3 +403,27 @@ def test_horizon_must_be_below_seq_length() -> None:
     validate_config(
         load_config(None, ["model.trunk.seq_length=8", "model.cp.horizon=7"]), cuda_available=False
     )
+
+
+def test_tracking_section_overrides_and_checks() -> None:
+    cfg = load_config(
+        CONFIGS_DIR / "tiny.yaml",
+        ["tracking.uri=http://127.0.0.1:5000", "tracking.experiment=2024", "tracking.retry_every_s=1"],
+    )
+    assert cfg.tracking.uri == "http://127.0.0.1:5000"  # a URI stays text, not YAML's reading of it
+    assert cfg.tracking.experiment == "2024" and cfg.tracking.retry_every_s == 1.0
+    assert load_config(None).tracking.uri is None  # default: the run directory's sqlite file
+    assert load_config(None, ["tracking.enabled=false"]).tracking.enabled is False
+    cfg = Config()
+    cfg.tracking.uri = " "
+    cfg.tracking.retry_every_s = 0.0
+    cfg.tracking.system_metrics_interval_s = -1.0
+    cfg.tracking.flush_timeout_s = -1.0
+    problems = "\n".join(_problems(cfg))
+    for text in (
+        "tracking.uri='' is empty",
+        "tracking.retry_every_s=0.0 must be > 0",
+        "tracking.system_metrics_interval_s=-1.0 must be > 0",
+        "tracking.flush_timeout_s=-1.0 must be >= 0",
+    ):
+        assert text in problems

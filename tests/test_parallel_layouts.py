@@ -16,6 +16,8 @@ import pytest
 import torch
 from parity_config import PARITY
 
+from cpmtp_dist.training.checkpoint import read_model_state
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 5
 SMALL = [*PARITY, f"train.steps={STEPS}", "train.micro_batch_size=2", "train.eval_batches=2"]
@@ -50,7 +52,7 @@ def launch(run_dir: Path, nproc: int, overrides: list[str], cache: Path) -> subp
 
 def read_run(run_dir: Path) -> tuple[list[dict], dict[str, torch.Tensor]]:
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    state = torch.load(run_dir / "checkpoints" / f"step_{STEPS:07d}" / "model.pt", weights_only=True)
+    state = read_model_state(run_dir / "checkpoints" / f"step_{STEPS:07d}")
     return rows, state
 
 

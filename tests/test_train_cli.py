@@ -95,7 +95,7 @@ def test_training_lowers_the_loss_and_writes_the_run_dir(tmp_path):
     ckpts = run / "checkpoints"
     assert (ckpts / "latest").read_text() == "step_0000060"
     for name in ("step_0000020", "step_0000040", "step_0000060"):
-        assert {"model.pt", "meta.json", "config.yaml", "tokenizer", "engine"} <= {
+        assert {"state", "meta.json", "config.yaml", "tokenizer", "rng"} <= {
             p.name for p in (ckpts / name).iterdir()
         }
     meta = json.loads((ckpts / "step_0000060" / "meta.json").read_text())

@@ -1,5 +1,5 @@
 """What the rest of the code needs from a parallel layout: the vocabulary shard of this rank, the
-`mpu` view DeepSpeed expects, and the full (unsharded) state dict for checkpoints.
+`mpu` view DeepSpeed expects, gradient norms and parameter counts of the whole model.
 
 Everything here takes the `ParallelGroups` built by `state.initialize_parallel`; nothing looks the
 groups up by itself.
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import nn
 
 from cpmtp_dist.parallel.experts import ExpertShard
 from cpmtp_dist.parallel.state import ParallelGroups
@@ -85,72 +85,6 @@ class DeepSpeedMPU:
 
     def get_data_parallel_group_ranks(self) -> list[int]:
         return dist.get_process_group_ranks(self.g.dp_group)
-
-
-@torch.no_grad()
-def gather_full_state_dict(model: nn.Module, groups: ParallelGroups) -> dict[str, Tensor]:
-    """The state dict of the unsharded model, on every rank.
-
-    Tensor-parallel parameters (marked `tensor_model_parallel`, with `partition_dim`) are all-gathered
-    over tp and concatenated; Megatron's fused layouts (e.g. QKV grouped per head) make that equal to
-    the tp = 1 layout. CP component tensors (marked `expert_parallel`) are then gathered over ep along
-    dimension 0. Under pipeline parallelism every stage's part is renamed to the single-stage model's
-    names (`model.global_name`) and the parts are exchanged over pp. Collective over tp, ep and pp.
-    """
-    params = dict(model.named_parameters())
-    out: dict[str, Tensor] = {}
-    for name, t in model.state_dict(keep_vars=True).items():
-        p = params.get(name, t)
-        if groups.tp_size > 1 and getattr(p, "tensor_model_parallel", False):
-            if getattr(p, "partition_stride", 1) != 1:
-                raise NotImplementedError(f"{name}: strided tensor-parallel partitions are not supported")
-            parts = [torch.empty_like(p) for _ in range(groups.tp_size)]
-            dist.all_gather(parts, p.detach().contiguous(), group=groups.tp_group)
-            t = torch.cat(parts, dim=p.partition_dim)
-        if groups.ep_size > 1 and getattr(p, "expert_parallel", False):
-            parts = [torch.empty_like(t) for _ in range(groups.ep_size)]
-            dist.all_gather(parts, t.detach().contiguous(), group=groups.ep_group)
-            t = torch.cat(parts, dim=0)
-        out[name] = t.detach() if torch.is_tensor(t) else t
-    if groups.pp_size == 1:
-        return out
-    mine = {}
-    for name, t in out.items():
-        if getattr(params.get(name), "ds_pipe_replicated", False):
-            continue  # the last stage's copy of the tied embedding: the first stage sends the parameter
-        mine[model.global_name(name)] = t.cpu() if torch.is_tensor(t) else t
-    stages: list[dict[str, Tensor] | None] = [None] * groups.pp_size
-    dist.all_gather_object(stages, mine, group=groups.pp_group)
-    return {name: t for part in stages for name, t in part.items()}
-
-
-@torch.no_grad()
-def load_full_state_dict(model: nn.Module, full: dict[str, Tensor], groups: ParallelGroups) -> None:
-    """Copy this rank's part of an unsharded state dict (as `gather_full_state_dict` returns, from any
-    layout) into `model`: the inverse of the gather. Not collective."""
-    params = dict(model.named_parameters())
-    local = model.state_dict(keep_vars=True)
-    missing = []
-    for name, t in local.items():
-        if not torch.is_tensor(t):
-            continue
-        global_name = model.global_name(name) if groups.pp_size > 1 else name
-        if global_name not in full:
-            missing.append(global_name)
-            continue
-        src = full[global_name]
-        p = params.get(name, t)
-        if groups.ep_size > 1 and getattr(p, "expert_parallel", False):
-            src = src.chunk(groups.ep_size, dim=0)[groups.ep_rank]
-        if groups.tp_size > 1 and getattr(p, "tensor_model_parallel", False):
-            src = src.chunk(groups.tp_size, dim=p.partition_dim)[groups.tp_rank]
-        if src.shape != t.shape:
-            raise ValueError(
-                f"{global_name}: the checkpoint holds {tuple(src.shape)}, this rank needs {tuple(t.shape)}"
-            )
-        t.copy_(src)
-    if missing:
-        raise ValueError(f"the checkpoint lacks {len(missing)} tensors of this model, e.g. {missing[:3]}")
 
 
 @torch.no_grad()

@@ -1,16 +1,17 @@
 """Checkpoints written atomically: a temporary folder renamed into place, `latest` written last.
 
 Layout of `<run_dir>/checkpoints/step_0000100/`:
-    model.pt      full model state dict (loads into one process for inference)
-    engine/       DeepSpeed engine state (optimizer, scheduler) for resuming
-    meta.json     step, tokens seen, data-loader state
+    state/        model weights and optimizer state, Megatron `dist_checkpointing` (torch_dist format):
+                  one slice per tensor per writer, keyed by single-process names, loadable by any layout
+                  (`parallel/sharded_state.py`) and by one process without torch.distributed
+                  (`read_model_state`)
+    meta.json     step, tokens seen, the layout that saved it, data-loader state
     rng/          every rank's random-number generator states (rank_00000.pt, ...)
     config.yaml   the resolved config
     tokenizer/    the tokenizer the model was trained with
 
 Note: a crash while saving leaves at most a `*.tmp` folder behind; `latest` still names the previous
-complete checkpoint, and `latest_checkpoint` never returns a folder without `meta.json` (written
-last inside the temporary folder).
+complete checkpoint, and `latest_checkpoint` never returns a `*.tmp` folder or one without `meta.json`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ import numpy as np
 import torch
 
 
+class ResumeError(ValueError):
+    """A checkpoint that cannot continue this run as configured: the message says what to change."""
+
+
 def checkpoint_name(step: int) -> str:
     return f"step_{step:07d}"
 
@@ -35,52 +40,160 @@ def save_checkpoint(
     root: Path,
     step: int,
     *,
-    model_state: dict[str, torch.Tensor],
+    sharded_state: dict[str, Any],
     meta: dict[str, Any],
     config_yaml: str,
     tokenizer_dir: Path | None,
-    engine: Any = None,
     keep_last: int = 0,
     keep_every: int = 0,
     is_writer: bool = True,
     rank: int = 0,
     barrier: Callable[[], None] = lambda: None,
+    saves: AsyncSaves | None = None,
 ) -> Path:
     """Write checkpoint `step` under `root` and return its folder.
 
-    Collective: every rank calls it (DeepSpeed saves its optimizer shards from every rank into
-    `engine/`); the rank with `is_writer` creates the folder and writes everything else. `barrier`
-    synchronises the ranks (a no-op in one process). `root` must be on a filesystem all ranks share.
+    Collective: every rank calls it with its `sharded_state` (`dist_checkpointing` writes each slice
+    once, from the rank that holds its main replica, into `state/`); the rank with `is_writer` creates
+    the folder and writes everything else. `barrier` synchronises the ranks (a no-op in one process).
+    `root` must be on a filesystem all ranks share.
+
+    With `saves`, the slices are written by a background process (forked now: it sees the tensors as
+    they are at this call, while training goes on) and the folder is renamed into place when every
+    rank's writer has finished (`AsyncSaves.poll` / `wait`); until then it is an unfinished `*.tmp`.
     """
+    from megatron.core import dist_checkpointing
+
     final = root / checkpoint_name(step)
     tmp = root / (final.name + ".tmp")
+    if saves is not None:
+        saves.wait()  # one save at a time: the previous one is renamed into place first
     if is_writer:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)
-        tmp.mkdir()
+        (tmp / "state").mkdir(parents=True)
     barrier()
-    if engine is not None:
-        engine.save_checkpoint(str(tmp / "engine"), tag="state", save_latest=False)
+    request = dist_checkpointing.save(
+        sharded_state,
+        str(tmp / "state"),
+        sharded_strategy=_save_strategy(),
+        async_sharded_save=saves is not None,
+    )
     (tmp / "rng").mkdir(exist_ok=True)
     torch.save(rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
-    barrier()
-    if not is_writer:
+    if is_writer:
+        (tmp / "config.yaml").write_text(config_yaml)
+        if tokenizer_dir is not None:
+            shutil.copytree(tokenizer_dir, tmp / "tokenizer")
+        _write_atomic(tmp / "meta.json", json.dumps({"step": step, **meta}, indent=2))
+
+    def commit() -> None:
+        if not is_writer:
+            return
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_atomic(root / "latest", final.name)
+        if keep_last > 0:
+            prune_checkpoints(root, keep_last, keep_every)
+
+    if saves is None:
+        barrier()  # every rank's slices and generator states are on disk
+        commit()
         barrier()
-        return final
-    torch.save(model_state, tmp / "model.pt")
-    (tmp / "config.yaml").write_text(config_yaml)
-    if tokenizer_dir is not None:
-        shutil.copytree(tokenizer_dir, tmp / "tokenizer")
-    _write_atomic(tmp / "meta.json", json.dumps({"step": step, **meta}, indent=2))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _write_atomic(root / "latest", final.name)
-    if keep_last > 0:
-        prune_checkpoints(root, keep_last, keep_every)
-    barrier()
+    else:
+        request.add_finalize_fn(commit)  # runs after every rank's writer has finished
+        saves.schedule(request, final)
     return final
+
+
+class AsyncSaves:
+    """Checkpoints being written in the background (`checkpoint.async_save`), at most one at a time.
+
+    Every rank calls `poll` at the same points (after each step): while a save is in flight it costs one
+    all-reduce of a flag; when all writers are done it renames the folder into place and writes `latest`.
+    `wait` blocks until then (before the next save, at the end of training, on preemption).
+    """
+
+    def __init__(self) -> None:
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        self._queue = AsyncCallsQueue()
+        self._in_flight: list[Path] = []
+
+    def schedule(self, request: Any, folder: Path) -> None:
+        self._queue.schedule_async_request(request)
+        self._in_flight.append(folder)
+
+    def poll(self, blocking: bool = False) -> None:
+        if self._in_flight:
+            for _ in self._queue.maybe_finalize_async_calls(blocking=blocking):
+                self._in_flight.pop(0)
+
+    def wait(self) -> None:
+        self.poll(blocking=True)
+
+    def close(self) -> None:
+        self.wait()
+        self._queue.close()
+
+
+def start_checkpoint_writer() -> None:
+    """Give `dist_checkpointing`'s writer a results queue that survives the job's stop signals (see
+    `writer_queue`), before the first save. Every rank calls it once, before training."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from cpmtp_dist.training.writer_queue import start_results_queue
+
+    if not hasattr(filesystem_async, "_results_queue"):
+        raise RuntimeError(
+            "megatron-core's torch_dist writer has no _results_queue: install megatron-core 0.16.1"
+        )
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = start_results_queue()
+
+
+def _save_strategy() -> Any:
+    """torch_dist with one writer thread per rank: no helper processes (CPU jobs run many ranks per node)."""
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
+    from cpmtp_dist.parallel.megatron_compat import maybe_apply_cpu_compat
+
+    maybe_apply_cpu_compat()  # no-op with CUDA; the trainer has applied it already
+
+    return TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1)
+
+
+def load_sharded_state(folder: Path, template: dict[str, Any]) -> dict[str, Any]:
+    """Read this rank's slices, as described by `template` (from `parallel.sharded_state`), from
+    checkpoint `folder`. Collective over all ranks."""
+    from megatron.core import dist_checkpointing
+
+    return dist_checkpointing.load(template, str(folder / "state"))
+
+
+def read_model_state(folder: Path, prefix: str = "model.") -> dict[str, torch.Tensor]:
+    """The whole model's weights (single-process names) from checkpoint `folder`, in this process alone:
+    no torch.distributed, whatever layout saved it (the inference path). `prefix="optimizer."` reads the
+    optimizer's tensors instead."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    reader = dcp.FileSystemReader(str(folder / "state"))
+    shapes = reader.read_metadata().state_dict_metadata
+    state = {
+        key: torch.empty(md.size, dtype=md.properties.dtype)
+        for key, md in shapes.items()
+        if key.startswith(prefix) and hasattr(md, "size")
+    }
+    if not state:
+        raise FileNotFoundError(f"{folder / 'state'}: no {prefix}* tensors in this checkpoint")
+    with warnings.catch_warnings():  # "torch.distributed is ... uninitialized": one process is the intent
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, storage_reader=reader, no_dist=True)
+    return {key.removeprefix(prefix): t for key, t in state.items()}
 
 
 def rng_state() -> dict[str, Any]:
@@ -110,7 +223,11 @@ def latest_checkpoint(root: Path) -> Path | None:
         cand = root / pointer.read_text().strip()
         if (cand / "meta.json").exists():
             return cand
-    done = sorted(p for p in root.glob("step_*") if p.is_dir() and (p / "meta.json").exists())
+    done = sorted(
+        p
+        for p in root.glob("step_*")
+        if p.is_dir() and not p.name.endswith(".tmp") and (p / "meta.json").exists()
+    )
     return done[-1] if done else None
 
 

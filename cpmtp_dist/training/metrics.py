@@ -1,4 +1,4 @@
-"""One metrics interface: console progress lines and `metrics.jsonl`, on rank 0 only.
+"""One metrics interface: console progress lines, `metrics.jsonl` and MLflow (`tracking.py`), on rank 0 only.
 
 Also the model-FLOPs count used for MFU (CP head included).
 """
@@ -15,6 +15,7 @@ from typing import Any, TextIO
 import torch
 
 from cpmtp_dist.config import ModelConfig
+from cpmtp_dist.training.tracking import Tracker
 
 # Dense bf16 peak of the accelerators we know (FLOP/s); MFU is omitted on anything else.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
@@ -54,17 +55,25 @@ def entropy(p: torch.Tensor) -> float:
 
 
 class MetricsLogger:
-    """Writes one JSON object per logged step to `metrics.jsonl` and a progress line to the console.
+    """Writes one JSON object per logged step to `metrics.jsonl` and a progress line to the console, and
+    hands the row to the MLflow `tracker` when there is one.
 
     Only the logging rank writes; the others hold a disabled logger, so callers need no rank checks.
     """
 
     def __init__(
-        self, run_dir: Path, *, enabled: bool, total_steps: int, stream: TextIO = sys.stdout
+        self,
+        run_dir: Path,
+        *,
+        enabled: bool,
+        total_steps: int,
+        stream: TextIO = sys.stdout,
+        tracker: Tracker | None = None,
     ) -> None:
         self.enabled = enabled
         self.total_steps = total_steps
         self.stream = stream
+        self.tracker = tracker if enabled else None
         self.start = time.time()
         self._file = open(run_dir / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115
 
@@ -76,6 +85,8 @@ class MetricsLogger:
         self._file.flush()
         self.stream.write(self._progress_line(row) + "\n")
         self.stream.flush()
+        if self.tracker is not None:
+            self.tracker.log_metrics(step, row)
 
     def _progress_line(self, row: dict[str, Any]) -> str:
         if "eval_joint_loss" in row:
@@ -99,9 +110,12 @@ class MetricsLogger:
         parts.append(f"{elapsed / 60:.1f} min")
         return " | ".join(parts)
 
-    def close(self) -> None:
+    def close(self, status: str = "FINISHED") -> None:
+        """Close `metrics.jsonl`, then end the MLflow run with `status` (`KILLED` on preemption)."""
         if self._file is not None:
             self._file.close()
+        if self.tracker is not None:
+            self.tracker.close(status)
 
 
 def _f(v: Any, fmt: str = ".4f") -> str:

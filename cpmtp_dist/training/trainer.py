@@ -34,16 +34,28 @@ from cpmtp_dist.parallel.layout import (
     build_expert_shard,
     build_vocab_shard,
     count_parameters,
-    gather_full_state_dict,
     global_grad_norm,
-    load_full_state_dict,
 )
 from cpmtp_dist.parallel.pipeline import PipelineStage, prepare_trunk_for_schedule, run_schedule
+from cpmtp_dist.parallel.sharded_state import (
+    apply_model_state,
+    apply_optimizer_state,
+    sharded_model_state,
+    sharded_optimizer_state,
+)
 from cpmtp_dist.parallel.state import ParallelGroups, initialize_parallel
-from cpmtp_dist.training.checkpoint import save_checkpoint, set_rng_state
+from cpmtp_dist.training.checkpoint import (
+    AsyncSaves,
+    ResumeError,
+    load_sharded_state,
+    save_checkpoint,
+    set_rng_state,
+    start_checkpoint_writer,
+)
 from cpmtp_dist.training.metrics import MetricsLogger, entropy, model_flops_per_token, peak_flops
 from cpmtp_dist.training.optim import build_engine
 from cpmtp_dist.training.preemption import PreemptionWatch
+from cpmtp_dist.training.tracking import Tracker, maybe_build_tracker, run_files
 
 
 @dataclass
@@ -287,26 +299,46 @@ def optimizer_state_bytes(engine: Any) -> int:
     return int(total)
 
 
-def restore_checkpoint(folder: Path, engine: Any, loader: Any, groups: ParallelGroups) -> int:
-    """Load a checkpoint of the same layout into the engine, model, loader and generators; its step.
+def layout_of(groups: ParallelGroups, cfg: Config) -> dict[str, int]:
+    """The layout a checkpoint records: what a resume may change (everything reshards) and reports."""
+    return {
+        "tp": groups.tp_size,
+        "pp": groups.pp_size,
+        "ep": groups.ep_size,
+        "dp": groups.dp_size,
+        "zero_stage": cfg.optim.zero_stage,
+    }
 
-    DeepSpeed restores the optimizer and scheduler (and its fp32 master weights); the module's weights are
-    then set from the gathered `model.pt` (DeepSpeed's own module file holds one data-parallel rank's
-    CP components only, which is wrong for the others under expert parallelism).
+
+def restore_checkpoint(
+    folder: Path, engine: Any, loader: Any, groups: ParallelGroups, cfg: Config
+) -> tuple[int, dict[str, Any]]:
+    """Load a checkpoint of any layout into the engine, model, loader and generators; its step and meta.
+
+    Weights, Adam moments, step counts and the learning-rate schedule come from the sharded `state/`
+    (`parallel/sharded_state.py`), resliced for this layout. The generators are restored per rank when
+    the world size is unchanged (otherwise each rank keeps its seeded state: the next steps draw no random
+    numbers in training, only dropout would). The data position: see `docs/DATA.md` ("Resuming").
     """
     meta = json.loads((folder / "meta.json").read_text())
-    load_path, _ = engine.load_checkpoint(
-        str(folder / "engine"), tag="state", load_optimizer_states=True, load_lr_scheduler_states=True
-    )
-    if load_path is None:
-        raise FileNotFoundError(f"{folder / 'engine'}: no DeepSpeed state to resume from")
-    full = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
-    load_full_state_dict(engine.module, full, groups)
-    loader.load_state_dict(meta["loader"])
+    try:  # first: the data position may refuse this layout, before anything heavy is read
+        loader.load_state_dict(meta["loader"])
+    except ValueError as err:
+        raise ResumeError(f"--resume {folder}: {err}") from err
+    template = sharded_model_state(engine.module, groups, copy=True)
+    template |= sharded_optimizer_state(engine, groups, copy=True)
+    template |= {"optimizer_step": None, "lr_step": None}
+    loaded = load_sharded_state(folder, template)
+    apply_model_state(engine.module, loaded, groups)
+    apply_optimizer_state(engine, loaded, groups)
+    step = int(meta["step"])
+    engine.global_steps = step
+    engine.global_samples = step * cfg.train.global_batch_size
+    saved = meta.get("layout", {})
     rng = folder / "rng" / f"rank_{groups.rank:05d}.pt"
-    if rng.exists():
+    if rng.exists() and saved.get("world_size", groups.world_size) == groups.world_size:
         set_rng_state(torch.load(rng, weights_only=False))
-    return int(meta["step"])
+    return step, meta
 
 
 def drop_metrics_after(path: Path, step: int) -> None:
@@ -317,13 +349,17 @@ def drop_metrics_after(path: Path, step: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-def train(cfg: Config, run_dir: Path, *, resume: Path | None = None) -> TrainResult:
-    """Train `cfg` and write the run directory (config, metrics, checkpoints).
+def train(
+    cfg: Config, run_dir: Path, *, resume: Path | None = None, tracker: Tracker | None = None
+) -> TrainResult:
+    """Train `cfg` and write the run directory (config, metrics, checkpoints), tracked in MLflow by
+    `tracker` (`cpmtp train` starts it early), or else as `cfg.tracking` says.
 
-    With `resume` (a checkpoint folder of this run) training continues after the checkpoint's step with
-    the model, optimizer, scheduler, data-loader position and generator states it holds, so the steps
-    that follow are those of an uninterrupted run.
+    With `resume` (a checkpoint folder, saved at any layout) training continues after the checkpoint's
+    step with the model, optimizer, scheduler, data-loader position and generator states it holds, so the
+    steps that follow are those of an uninterrupted run.
     """
+    start_checkpoint_writer()  # first: it forks a small helper process
     par = cfg.parallel  # validated by config_io.validate_config before any group exists
     groups = initialize_parallel(par.tp, par.pp, par.ep, seed=cfg.train.seed)
     is_logger = groups.rank == 0
@@ -331,10 +367,14 @@ def train(cfg: Config, run_dir: Path, *, resume: Path | None = None) -> TrainRes
     config_yaml = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
     if is_logger:
         (run_dir / "config.yaml").write_text(config_yaml)
+    if tracker is None:
+        tracker = maybe_build_tracker(cfg.tracking, run_dir, enabled=is_logger, params=config_to_dict(cfg))
 
     device, dtype = resolve_precision(cfg)
     data = build_training_data(cfg, dp_rank=groups.dp_rank, dp_size=groups.dp_size)
     loader, valid = data.loader, data.valid
+    if tracker is not None:
+        tracker.add_files(run_files(run_dir, data.tokenizer_dir, cfg.data.path))
     t = cfg.train
     grad_accum = t.global_batch_size // (t.micro_batch_size * groups.dp_size)
     model = build_model(cfg, groups, dtype, device)
@@ -363,28 +403,42 @@ def train(cfg: Config, run_dir: Path, *, resume: Path | None = None) -> TrainRes
         )
 
     def checkpoint(step: int) -> Path:
-        return save_checkpoint(
+        tic = time.perf_counter()
+        folder = save_checkpoint(
             run_dir / "checkpoints",
             step,
-            model_state=gather_full_state_dict(model, groups),
-            meta={"tokens_seen": step * tokens_per_step, "loader": loader.state_dict()},
+            sharded_state=sharded_model_state(model, groups) | sharded_optimizer_state(engine, groups),
+            meta={
+                "tokens_seen": step * tokens_per_step,
+                "layout": layout_of(groups, cfg) | {"world_size": groups.world_size},
+                "loader": loader.state_dict(),
+            },
             config_yaml=config_yaml,
             tokenizer_dir=data.tokenizer_dir,
-            engine=engine,
             keep_last=cfg.checkpoint.keep_last,
             keep_every=cfg.checkpoint.keep_every,
             is_writer=groups.rank == 0,
             rank=groups.rank,
             barrier=dist.barrier,
+            saves=saves,
         )
+        if is_logger:
+            how = "training blocked; written in the background" if saves else "written"
+            print(f"checkpoint {folder.name}: {time.perf_counter() - tic:.2f} s ({how})", flush=True)
+        return folder
 
+    saves = AsyncSaves() if cfg.checkpoint.async_save else None
     start = 0
     if resume is not None:
-        start = restore_checkpoint(resume, engine, loader, groups)
+        tic = time.perf_counter()
+        start, meta = restore_checkpoint(resume, engine, loader, groups, cfg)
         if is_logger:
             drop_metrics_after(run_dir / "metrics.jsonl", start)
-            print(f"resumed from {resume} at step {start}", flush=True)
-    logger = MetricsLogger(run_dir, enabled=is_logger, total_steps=t.steps)
+            saved = {k: v for k, v in meta.get("layout", {}).items() if k != "world_size"}
+            changed = "" if saved == layout_of(groups, cfg) else f", resharded from layout {saved}"
+            took = time.perf_counter() - tic
+            print(f"resumed from {resume} at step {start}{changed} ({took:.2f} s)", flush=True)
+    logger = MetricsLogger(run_dir, enabled=is_logger, total_steps=t.steps, tracker=tracker)
 
     metrics: dict[str, Any] = {}
     eval_metrics: dict[str, float] = {}
@@ -421,16 +475,22 @@ def train(cfg: Config, run_dir: Path, *, resume: Path | None = None) -> TrainRes
                 logger.log(step, evaluate(engine, valid, cfg, groups))
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
                 last_ckpt = checkpoint(step)
+            if saves is not None:
+                saves.poll()
             if watch.agreed():
                 if last_ckpt is None or not last_ckpt.name.endswith(f"{step:07d}"):
                     last_ckpt = checkpoint(step)
+                if saves is not None:
+                    saves.close()
                 if is_logger:
                     print(f"preempted: checkpoint {last_ckpt} saved after step {step}", flush=True)
-                logger.close()
+                logger.close(status="KILLED")
                 return TrainResult(run_dir, step, metrics, {}, last_ckpt, preempted=True)
     eval_metrics = evaluate(engine, valid, cfg, groups)
     logger.log(t.steps, eval_metrics)
     if last_ckpt is None or not last_ckpt.name.endswith(f"{t.steps:07d}"):
         last_ckpt = checkpoint(t.steps)
+    if saves is not None:
+        saves.close()
     logger.close()
     return TrainResult(run_dir, t.steps, metrics, eval_metrics, last_ckpt)
