@@ -3,7 +3,6 @@ same layout under torchrun, and passes a preemption's status 3 on (torchrun itse
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -15,6 +14,7 @@ import pytest
 from parity_config import PARITY
 
 from launchers.local import child_argv
+from runs import metrics_by_step as rows
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 40
@@ -26,14 +26,6 @@ def env(cache: Path) -> dict[str, str]:
     out = {**os.environ, "CPMTP_CACHE_DIR": str(cache), "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         out.pop(key, None)
-    return out
-
-
-def rows(run: Path) -> dict[int, dict]:
-    out: dict[int, dict] = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        out.setdefault(row["step"], {}).update(row)
     return out
 
 

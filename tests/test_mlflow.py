@@ -26,6 +26,7 @@ from parity_config import PARITY
 from cpmtp_dist.config import TrackingConfig
 from cpmtp_dist.training.metrics import MetricsLogger
 from cpmtp_dist.training.tracking import RUN_FILE, Tracker, flatten_params, numeric_metrics, run_files
+from runs import build_json_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = [
@@ -160,18 +161,7 @@ def cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("shards")
-    code = str(Path(json.__file__).parent)
-    for args in (
-        ["data", "tokenizer", "--input", code, "--vocab-size", "400", "--out", str(root / "tok")],
-        ["data", "shards", "--input", code, "--tokenizer", str(root / "tok"), "--seq-len", "32", "--out",
-         str(root / "json_code"), "--shard-size-mb", "0.02", "--heldout-fraction", "0.2"],
-    ):  # fmt: skip
-        res = subprocess.run(
-            [sys.executable, "-m", "launchers.cli", *args], cwd=ROOT, capture_output=True, text=True
-        )
-        assert res.returncode == 0, res.stderr[-3000:]
-    return root / "json_code"
+    return build_json_shards(tmp_path_factory.mktemp("shards"), "json_code")
 
 
 class Forwarder:

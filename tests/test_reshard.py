@@ -10,7 +10,6 @@ more (checked: with the moments left at zero, the losses of steps 6..8 are off b
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import torch
 from parity_config import PARITY
 
 from cpmtp_dist.training.checkpoint import read_model_state
+from runs import metrics_by_step as rows
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = [
@@ -55,14 +55,6 @@ def launch(run: Path, nproc: int, settings: list[str], cache: Path, *extra: str)
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     return res.stdout
-
-
-def rows(run: Path) -> dict[int, dict]:
-    out: dict[int, dict] = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        out.setdefault(row["step"], {}).update(row)
-    return out
 
 
 @pytest.mark.slow

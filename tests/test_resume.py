@@ -18,6 +18,8 @@ import torch
 from parity_config import PARITY
 
 from cpmtp_dist.training.checkpoint import read_model_state
+from runs import build_json_shards
+from runs import metrics_by_step as rows
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, EVERY, KILL_AFTER = 30, 8, 12
@@ -48,28 +50,9 @@ def logged_steps(run: Path) -> int:
     return max((json.loads(x)["step"] for x in path.read_text().splitlines() if x.strip()), default=0)
 
 
-def rows(run: Path) -> dict[int, dict]:
-    out: dict[int, dict] = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        out.setdefault(row["step"], {}).update(row)
-    return out
-
-
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("shards")
-    code = str(Path(json.__file__).parent)
-    for args in (
-        ["data", "tokenizer", "--input", code, "--vocab-size", "400", "--out", str(root / "tok")],
-        ["data", "shards", "--input", code, "--tokenizer", str(root / "tok"), "--seq-len", "32", "--out",
-         str(root / "d"), "--shard-size-mb", "0.02", "--heldout-fraction", "0.2"],
-    ):  # fmt: skip
-        res = subprocess.run(
-            [sys.executable, "-m", "launchers.cli", *args], cwd=ROOT, capture_output=True, text=True
-        )
-        assert res.returncode == 0, res.stderr[-3000:]
-    return root / "d"
+    return build_json_shards(tmp_path_factory.mktemp("shards"), "d")
 
 
 @pytest.fixture(scope="module")

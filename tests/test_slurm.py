@@ -9,7 +9,6 @@ test cluster keeps no accounting.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -21,6 +20,8 @@ from pathlib import Path
 import pytest
 from parity_config import PARITY
 from slurm_cluster import SlurmCluster, missing_binaries
+
+from runs import metrics_by_step as rows
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, SIGNAL_AFTER = 100, 10  # ~10 steps/s on 2 cores: the signal lands with most of the run ahead
@@ -82,17 +83,6 @@ def reference(env, tmp_path_factory) -> Callable[[], Path]:
     if proc.poll() is None:
         proc.kill()
         proc.wait()
-
-
-def rows(run: Path) -> dict[int, dict]:
-    out: dict[int, dict] = {}
-    path = run / "metrics.jsonl"
-    text = path.read_text() if path.exists() else ""
-    for line in text.split("\n")[:-1]:  # complete lines only: the run may be writing the last one
-        if line.strip():
-            row = json.loads(line)
-            out.setdefault(row["step"], {}).update(row)
-    return out
 
 
 def assert_same_run(run: Path, ref: Path) -> None:

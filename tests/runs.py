@@ -1,0 +1,39 @@
+"""Shared by the tests that train: reading a run directory back, and small shards to train on."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def metrics_by_step(run: Path) -> dict[int, dict]:
+    """`metrics.jsonl` of `run` merged per step (train and eval rows); complete lines only, so a run that
+    is still writing can be read."""
+    out: dict[int, dict] = {}
+    path = run / "metrics.jsonl"
+    text = path.read_text() if path.exists() else ""
+    for line in text.split("\n")[:-1]:
+        if line.strip():
+            row = json.loads(line)
+            out.setdefault(row["step"], {}).update(row)
+    return out
+
+
+def build_json_shards(root: Path, name: str) -> Path:
+    """A 400-token tokenizer and shards of seq_len 32 of the standard library's `json` package, through the
+    command line: `root/tok` and `root/<name>` (returned)."""
+    code = str(Path(json.__file__).parent)
+    for args in (
+        ["data", "tokenizer", "--input", code, "--vocab-size", "400", "--out", str(root / "tok")],
+        ["data", "shards", "--input", code, "--tokenizer", str(root / "tok"), "--seq-len", "32", "--out",
+         str(root / name), "--shard-size-mb", "0.02", "--heldout-fraction", "0.2"],
+    ):  # fmt: skip
+        res = subprocess.run(
+            [sys.executable, "-m", "launchers.cli", *args], cwd=ROOT, capture_output=True, text=True
+        )
+        assert res.returncode == 0, res.stderr[-3000:]
+    return root / name
