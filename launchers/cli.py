@@ -48,10 +48,11 @@ def _train(args: argparse.Namespace) -> int:
         return run_local(args.nproc_per_node, child_argv(args.argv, str(run_dir)))
     from cpmtp_dist.training.checkpoint import latest_checkpoint
 
+    is_rank0 = int(os.environ.get("RANK", "0")) == 0
     resume = None
     if args.resume == "auto":
         resume = latest_checkpoint(run_dir / "checkpoints") if (run_dir / "checkpoints").exists() else None
-        if resume is None and int(os.environ.get("RANK", "0")) == 0:
+        if resume is None and is_rank0:
             print(f"--resume auto: no complete checkpoint in {run_dir / 'checkpoints'}; starting from step 0")
     elif args.resume is not None:
         resume = latest_checkpoint(Path(args.resume))
@@ -70,7 +71,6 @@ def _train(args: argparse.Namespace) -> int:
     from cpmtp_dist.training.tracking import maybe_build_tracker
 
     # Started before the trainer's imports (torch, Megatron, DeepSpeed): MLflow's own imports run beside them.
-    is_rank0 = int(os.environ.get("RANK", "0")) == 0
     tracker = maybe_build_tracker(cfg.tracking, run_dir, enabled=is_rank0, params=config_to_dict(cfg))
 
     from cpmtp_dist.data.shards import ShardError
@@ -87,10 +87,10 @@ def _train(args: argparse.Namespace) -> int:
     if result.preempted:
         from cpmtp_dist.training.preemption import PREEMPTED_EXIT_CODE
 
-        if int(os.environ.get("RANK", "0")) == 0:
+        if is_rank0:
             print(f"stopped by a signal after step {result.final_step}; continue with --resume auto")
         return PREEMPTED_EXIT_CODE
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_rank0:
         ev = result.eval_metrics
         print(
             f"done: {result.final_step} steps; held-out joint loss {ev['eval_joint_loss']:.4f}, "

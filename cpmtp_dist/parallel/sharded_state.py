@@ -136,7 +136,9 @@ def sharded_optimizer_state(engine: Any, groups: ParallelGroups, *, copy: bool =
                 local = holder if key == "master" else base.state[holder][key]
             gkey = f"optimizer.{key}.{names[name]}"
             out[gkey] = _shard(gkey, local.detach().reshape(p.shape).float(), p, groups)
-    if not copy:
+    if copy:  # plain values: saved once by rank 0, read back by every rank
+        out["optimizer_step"] = out["lr_step"] = None
+    else:
         steps = {float(s) for s in _step_tensors(engine)}
         if len(steps) != 1:
             raise RuntimeError(

@@ -300,7 +300,8 @@ def optimizer_state_bytes(engine: Any) -> int:
 
 
 def layout_of(groups: ParallelGroups, cfg: Config) -> dict[str, int]:
-    """The layout a checkpoint records: what a resume may change (everything reshards) and reports."""
+    """The layout a checkpoint records: what a resume may change (everything reshards) and reports. The
+    world size is tp * pp * dp (ep splits dp)."""
     return {
         "tp": groups.tp_size,
         "pp": groups.pp_size,
@@ -327,16 +328,15 @@ def restore_checkpoint(
         raise ResumeError(f"--resume {folder}: {err}") from err
     template = sharded_model_state(engine.module, groups, copy=True)
     template |= sharded_optimizer_state(engine, groups, copy=True)
-    template |= {"optimizer_step": None, "lr_step": None}
     loaded = load_sharded_state(folder, template)
     apply_model_state(engine.module, loaded, groups)
     apply_optimizer_state(engine, loaded, groups)
     step = int(meta["step"])
     engine.global_steps = step
     engine.global_samples = step * cfg.train.global_batch_size
-    saved = meta.get("layout", {})
+    saved = meta["layout"]
     rng = folder / "rng" / f"rank_{groups.rank:05d}.pt"
-    if rng.exists() and saved.get("world_size", groups.world_size) == groups.world_size:
+    if rng.exists() and saved["tp"] * saved["pp"] * saved["dp"] == groups.world_size:
         set_rng_state(torch.load(rng, weights_only=False))
     return step, meta
 
@@ -410,7 +410,7 @@ def train(
             sharded_state=sharded_model_state(model, groups) | sharded_optimizer_state(engine, groups),
             meta={
                 "tokens_seen": step * tokens_per_step,
-                "layout": layout_of(groups, cfg) | {"world_size": groups.world_size},
+                "layout": layout_of(groups, cfg),
                 "loader": loader.state_dict(),
             },
             config_yaml=config_yaml,
@@ -434,7 +434,7 @@ def train(
         start, meta = restore_checkpoint(resume, engine, loader, groups, cfg)
         if is_logger:
             drop_metrics_after(run_dir / "metrics.jsonl", start)
-            saved = {k: v for k, v in meta.get("layout", {}).items() if k != "world_size"}
+            saved = meta["layout"]
             changed = "" if saved == layout_of(groups, cfg) else f", resharded from layout {saved}"
             took = time.perf_counter() - tic
             print(f"resumed from {resume} at step {start}{changed} ({took:.2f} s)", flush=True)
