@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
-from parity_config import PARITY
 
 from launchers.local import child_argv
+from parity_config import PARITY
 from runs import metrics_by_step as rows
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,11 +21,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from parity_config import PARITY
 
 from cpmtp_dist.config import TrackingConfig
 from cpmtp_dist.training.metrics import MetricsLogger
 from cpmtp_dist.training.tracking import RUN_FILE, Tracker, flatten_params, numeric_metrics, run_files
+from parity_config import PARITY
 from runs import build_json_shards
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from parity_config import PARITY
 
 from cpmtp_dist.training.checkpoint import read_model_state
+from parity_config import PARITY
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 5

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from parity_config import PARITY
 
 from cpmtp_dist.training.checkpoint import read_model_state
+from parity_config import PARITY
 from runs import build_json_shards
 from runs import metrics_by_step as rows
 

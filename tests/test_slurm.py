@@ -18,10 +18,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from parity_config import PARITY
-from slurm_cluster import SlurmCluster, missing_binaries
 
+from parity_config import PARITY
 from runs import metrics_by_step as rows
+from slurm_cluster import SlurmCluster, missing_binaries
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, SIGNAL_AFTER = 100, 10  # ~10 steps/s on 2 cores: the signal lands with most of the run ahead

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from parity_config import PARITY
 
 from cpmtp_dist.config_io import load_config, validate_config
 from cpmtp_dist.training.checkpoint import read_model_state
 from cpmtp_dist.training.optim import lr_multiplier
 from cpmtp_dist.training.trainer import train
+from parity_config import PARITY
 
 SMALL = [
     *PARITY,
