@@ -2,7 +2,10 @@
 
 cpmtp train --config configs/tiny.yaml [--run-dir DIR] [--resume auto|CHECKPOINT] [--nproc-per-node N]
             [--tracking-uri URI|none] [--experiment NAME] [key=value ...]
-cpmtp generate --checkpoint DIR --prompt TEXT [--max-new-tokens N]
+cpmtp generate --checkpoint DIR --prompt TEXT|--prompt-file F [--max-new-tokens N] [--mode ar|speculative]
+               [--greedy | --temperature T --top-k K --top-p P] [--seed S]
+cpmtp eval --checkpoint DIR [--data DIR] --out FILE.json [--batches B] [--prompts K] [--new-tokens N]
+cpmtp bench decode --checkpoint DIR --out FILE.json [--prompts K | --prompt-file F...] [--max-new-tokens N]
 cpmtp submit --nodes N [--gpus-per-node G | --tasks-per-node K] --time T [--partition P] --config FILE
              [--run-dir DIR] [key=value ...] [-- more `cpmtp train` arguments]
 cpmtp data tokenizer --input PATH... --vocab-size N --out DIR [--model-type bpe|unigram]
@@ -105,15 +108,161 @@ def _submit(args: argparse.Namespace) -> int:
     return submit(args)
 
 
-def _generate(args: argparse.Namespace) -> int:
-    from cpmtp_dist.inference.generate import generate_greedy, load_for_inference
+def _sampling(args: argparse.Namespace):
+    """Greedy unless a sampling setting is given; --greedy with one is a contradiction."""
+    from cpmtp_dist.inference.sampling import Sampling
 
+    given = {
+        "--temperature": args.temperature,
+        "--top-k": args.top_k,
+        "--top-p": args.top_p,
+    }
+    given = {k: v for k, v in given.items() if v is not None}
+    if args.greedy and given:
+        raise SystemExit(f"cpmtp: --greedy takes the argmax; drop it or {', '.join(given)}")
+    if not given:
+        return Sampling()
+    try:
+        return Sampling(
+            greedy=False,
+            temperature=1.0 if args.temperature is None else args.temperature,
+            top_k=args.top_k or 0,
+            top_p=1.0 if args.top_p is None else args.top_p,
+        )
+    except ValueError as e:
+        raise SystemExit(f"cpmtp: {e}") from None
+
+
+def _load(checkpoint: str):
+    from cpmtp_dist.inference.generate import load_for_inference
+
+    try:
+        return load_for_inference(Path(checkpoint))
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"cpmtp: {e}") from None
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from cpmtp_dist.inference.decoding import Decoder
+
+    sampling = _sampling(args)
     prompt = Path(args.prompt_file).read_text() if args.prompt_file else args.prompt
-    loaded = load_for_inference(Path(args.checkpoint))
+    loaded = _load(args.checkpoint)
     tok = loaded.tokenizer
-    new = generate_greedy(loaded.model, tok.encode(prompt), args.max_new_tokens, eos_id=tok.eos_id)
-    print(f"--- greedy sample from {loaded.checkpoint} ---")
-    print(prompt + tok.decode(new))
+    result = Decoder(loaded.model).generate(
+        tok.encode(prompt),
+        args.max_new_tokens,
+        mode=args.mode,
+        sampling=sampling,
+        eos_id=tok.eos_id,
+        seed=args.seed,
+    )
+    st = result.stats
+    how = "greedy" if sampling.greedy else "sampled"
+    print(f"--- {how}, {args.mode} decoding from {loaded.checkpoint} ---", file=sys.stderr)
+    print(prompt + tok.decode(result.tokens))
+    print(
+        f"--- {st.new_tokens} tokens in {st.forwards} forwards: {st.tokens_per_forward:.2f} tokens per forward, "
+        f"{st.new_tokens / st.seconds:.1f} tokens/s ---",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _heldout(args: argparse.Namespace, loaded, num_batches: int):
+    from cpmtp_dist.data.shards import ShardError
+    from cpmtp_dist.inference.evaluation import heldout_batches
+
+    try:
+        return heldout_batches(
+            loaded.checkpoint / "config.yaml", loaded.tokenizer.fingerprint, args.data, num_batches
+        )
+    except (ShardError, ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"cpmtp: --data {args.data}: {e}") from None
+
+
+def _write_json(path: str, obj: dict) -> Path:
+    import json
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(obj, indent=2) + "\n")
+    return out
+
+
+def _log_summary(args: argparse.Namespace, loaded, name: str, metrics: dict, out: Path) -> None:
+    from cpmtp_dist.config_io import config_to_dict
+    from cpmtp_dist.training.tracking import local_tracking_uri, log_summary_run
+
+    if args.tracking_uri == "none":
+        return
+    run_dir = loaded.checkpoint.parent.parent
+    uri = args.tracking_uri or local_tracking_uri(run_dir)
+    experiment = args.experiment or loaded.config.tracking.experiment or "cpmtp"
+    rid = log_summary_run(
+        uri,
+        experiment,
+        f"{name} {run_dir.name}/{loaded.checkpoint.name}",
+        params={"model": config_to_dict(loaded.config)["model"], "checkpoint": str(loaded.checkpoint)},
+        metrics=metrics,
+        artifacts=[out],
+        tags={"cpmtp.kind": name},
+    )
+    print(f"MLflow: run {rid} in experiment {experiment!r} at {uri}", file=sys.stderr)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from cpmtp_dist.inference.evaluation import evaluate_checkpoint, flat_metrics
+
+    loaded = _load(args.checkpoint)
+    batches = _heldout(args, loaded, args.batches)
+    result = evaluate_checkpoint(
+        loaded.model,
+        batches,
+        prompts=args.prompts,
+        new_tokens=args.new_tokens,
+        eos_id=loaded.tokenizer.eos_id,
+    )
+    result = {"checkpoint": str(loaded.checkpoint), "data": args.data or "the checkpoint's own"} | result
+    out = _write_json(args.out, result)
+    h = result["heldout"]
+    line = f"joint {h['joint_loss']:.4f} | ntp {h['ntp_loss']:.4f} | ppl {h['ntp_ppl']:.1f}"
+    if "decoding" in result:
+        g = result["decoding"]["greedy"]
+        line += f" | greedy tokens/forward {g['tokens_per_forward']:.2f}"
+    print(f"{line} -> {out}")
+    _log_summary(args, loaded, "eval", flat_metrics(result), out)
+    return 0
+
+
+def _bench_decode(args: argparse.Namespace) -> int:
+    from cpmtp_dist.inference.bench import bench_decode
+    from cpmtp_dist.inference.decoding import Decoder
+    from cpmtp_dist.inference.evaluation import heldout_prompts
+
+    sampling = _sampling(args)
+    loaded = _load(args.checkpoint)
+    if args.prompt_file:
+        prompts = [loaded.tokenizer.encode(Path(f).read_text()) for f in args.prompt_file]
+    else:
+        batches = _heldout(args, loaded, max(1, args.prompts))
+        prompts = heldout_prompts(batches, args.prompts, loaded.config.model.trunk.seq_length // 2)
+    result = bench_decode(
+        Decoder(loaded.model),
+        prompts,
+        args.max_new_tokens,
+        sampling=sampling,
+        repeats=args.repeats,
+        eos_id=loaded.tokenizer.eos_id,
+    )
+    result = {"checkpoint": str(loaded.checkpoint)} | result
+    out = _write_json(args.out, result)
+    print(
+        f"autoregressive {result['ar_tokens_per_s']:.1f} tokens/s | speculative "
+        f"{result['speculative_tokens_per_s']:.1f} tokens/s | {result['tokens_per_forward']:.2f} tokens per "
+        f"forward | speed-up {result['speedup']:.2f}x -> {out}"
+    )
+    _log_summary(args, loaded, "bench-decode", {k: v for k, v in result.items() if k != "sampling"}, out)
     return 0
 
 
@@ -175,6 +324,25 @@ def _data_shards(args: argparse.Namespace) -> int:
         )
     print(f"done: {Path(args.out) / 'manifest.json'}")
     return 0
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--greedy", action="store_true", help="argmax decoding (the default without the options below)"
+    )
+    p.add_argument("--temperature", type=float, help="sample at this temperature (default 1 when sampling)")
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=float, help="sample from the smallest set holding this probability")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+
+
+def _tracking_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--tracking-uri",
+        metavar="URI|none",
+        help="MLflow tracking URI (default: the sqlite store of the checkpoint's run directory); 'none': off",
+    )
+    p.add_argument("--experiment", help="MLflow experiment (default: the run's)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -239,13 +407,44 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(fn=_submit)
 
-    g = sub.add_parser("generate", help="decode from a checkpoint")
+    g = sub.add_parser("generate", help="decode from a checkpoint (autoregressive or self-speculative)")
     g.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run's checkpoints/ folder")
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text")
     src.add_argument("--prompt-file", help="file holding the prompt")
     g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument(
+        "--mode",
+        choices=["ar", "speculative"],
+        default="speculative",
+        help="ar: one token per forward; speculative: draft n tokens from the CP head, keep what the model "
+        "itself would have produced (same output distribution; greedy: the same tokens)",
+    )
+    _sampling_args(g)
     g.set_defaults(fn=_generate)
+
+    e = sub.add_parser("eval", help="held-out losses, accuracies, expert usage and decoding acceptance")
+    e.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run's checkpoints/ folder")
+    e.add_argument("--data", help="shard folder or blend (as data.path); default: the checkpoint's own data")
+    e.add_argument("--out", required=True, help="JSON file for the results")
+    e.add_argument("--batches", type=int, default=16, help="held-out micro-batches (default 16)")
+    e.add_argument("--prompts", type=int, default=8, help="held-out prompts decoded speculatively (0: none)")
+    e.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per prompt")
+    _tracking_args(e)
+    e.set_defaults(fn=_eval)
+
+    b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
+    bd = b.add_parser("decode", help="autoregressive vs self-speculative decoding, batch 1")
+    bd.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run's checkpoints/ folder")
+    bd.add_argument("--out", required=True, help="JSON file for the results")
+    bd.add_argument("--data", help="held-out prompts from this shard folder (default: the checkpoint's data)")
+    bd.add_argument("--prompt-file", nargs="+", help="prompt files instead of held-out prompts")
+    bd.add_argument("--prompts", type=int, default=8, help="held-out prompts (default 8)")
+    bd.add_argument("--max-new-tokens", type=int, default=64)
+    bd.add_argument("--repeats", type=int, default=3, help="timed runs per prompt and mode (median)")
+    _sampling_args(bd)
+    _tracking_args(bd)
+    bd.set_defaults(fn=_bench_decode)
 
     d = sub.add_parser("data", help="build tokenizers and training shards").add_subparsers(
         dest="data_command", required=True

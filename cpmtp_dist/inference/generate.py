@@ -1,4 +1,4 @@
-"""Loading a checkpoint into one process and generating from the next-token marginal."""
+"""Loading a checkpoint, saved at any training layout, into one process for decoding and evaluation."""
 
 from __future__ import annotations
 
@@ -39,27 +39,3 @@ def load_for_inference(path: Path, device: torch.device | None = None) -> Loaded
         raise ValueError(f"{ckpt}: its weights do not fit the model of its config.yaml: {wrong[:5]}")
     model.eval()
     return LoadedModel(model, load_tokenizer(ckpt / "tokenizer"), cfg, ckpt)
-
-
-@torch.no_grad()
-def generate_greedy(
-    model: CPModel, prompt: list[int], max_new_tokens: int, eos_id: int | None = None
-) -> list[int]:
-    """Greedy decoding from the next-token marginal sum_a w_a P_a^(1), one trunk pass per token.
-
-    The context is cut to the trunk's trained sequence length. Returns the new tokens only.
-    """
-    if not prompt:
-        raise ValueError("the prompt encodes to no tokens: give a non-empty prompt")
-    device = next(model.parameters()).device
-    seq_len = model.cfg.trunk.seq_length
-    ids = list(prompt)
-    out: list[int] = []
-    for _ in range(max_new_tokens):
-        ctx = torch.tensor([ids[-seq_len:]], device=device)
-        nxt = int(model.next_token_log_probs(ctx).argmax(-1))
-        if eos_id is not None and nxt == eos_id:
-            break
-        ids.append(nxt)
-        out.append(nxt)
-    return out

@@ -140,10 +140,22 @@ class CPHead(nn.Module):
     def all_factor_log_probs(self, h: Tensor, shared_unembedding: Tensor | None) -> Tensor:
         """log P_a^(s)(. | h) for all local (a, s), fp32: (N, d) -> (N, r_local, n, V).
 
-        Materialises r*n*V numbers per position: for the naive loss, references and small models.
+        Materialises r*n*V numbers per position: for the naive loss, references, drafting and small models.
         """
-        rows = [
-            torch.stack([self.factor_logits(h, a, s, shared_unembedding) for s in range(self.horizon)], dim=1)
-            for a in range(self.num_local_components)
-        ]
-        return F.log_softmax(upcast(torch.stack(rows, dim=1)), dim=-1)  # (N, r, n, V)
+        return self.factor_log_probs(h, shared_unembedding, slice(None))
+
+    def factor_log_probs(self, h: Tensor, shared_unembedding: Tensor | None, positions: slice) -> Tensor:
+        """log P_a^(s)(. | h) for all local components a and the head positions s in `positions`, fp32,
+        in one batched product per parameter: (N, d) -> (N, r_local, len(positions), V)."""
+        if self.parameterisation == "separate":
+            logits = torch.einsum("nd,asvd->nasv", h, self.unembed[:, positions])
+        else:
+            if shared_unembedding is None:
+                raise ValueError("the `shared` parameterisation needs the trunk's unembedding weight")
+            if self.phi_kind == "residual":
+                z = F.silu(torch.einsum("nd,ashd->nash", h, self.phi_w1[:, positions]))
+                feats = h[:, None, None, :] + torch.einsum("nash,asdh->nasd", z, self.phi_w2[:, positions])
+            else:
+                feats = torch.einsum("nd,ased->nase", h, self.phi_weight[:, positions])
+            logits = feats @ shared_unembedding.t()
+        return F.log_softmax(upcast(logits), dim=-1)

@@ -9,32 +9,67 @@ sum_a pi_a P_a^(s). Greedy drafting takes the argmax at each link of the same ch
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from cpmtp_dist.model.cp_head import CPHead, upcast
+from cpmtp_dist.model.cp_head import CPHead
+
+
+def mixture(log_w: Tensor, log_p: Tensor) -> Tensor:
+    """log sum_a w_a P_a: log_w (..., r), log_p (..., r, V) -> (..., V)."""
+    return torch.logsumexp(log_w.unsqueeze(-1) + log_p, dim=-2)
 
 
 def next_token_log_probs(head: CPHead, h: Tensor, shared_unembedding: Tensor | None) -> Tensor:
     """log P(x_{t+1} | h) = logsumexp_a (log w_a + log P_a^(1)), fp32.  (N, d) -> (N, V)."""
-    log_w = head.gate_log_weights(h)  # (N, r)
-    per_comp = torch.stack(
-        [
-            F.log_softmax(upcast(head.factor_logits(h, a, 0, shared_unembedding)), dim=-1)
-            for a in range(head.num_local_components)
-        ],
-        dim=1,
-    )  # (N, r, V)
-    return torch.logsumexp(log_w.unsqueeze(-1) + per_comp, dim=1)
+    first = head.factor_log_probs(h, shared_unembedding, slice(0, 1))[:, :, 0]  # (N, r, V)
+    return mixture(head.gate_log_weights(h), first)
 
 
 @dataclass
 class Draft:
     tokens: Tensor  # (N, n) drafted tokens
-    log_q: Tensor  # (N, n, V) log of the conditional each token was drawn from
+    log_q: Tensor  # (N, n, V) log of the (transformed) conditional each token was drawn from
+
+
+@torch.no_grad()
+def draft_from_factors(
+    log_w: Tensor,
+    log_p: Tensor,
+    *,
+    greedy: bool,
+    generator: torch.Generator | None = None,
+    transform: Callable[[Tensor], Tensor] | None = None,
+    first: Tensor | None = None,
+) -> Draft:
+    """The drafting chain from the gate's log-weights `log_w` (N, r) and the factors' log-probabilities
+    `log_p` (N, r, n, V).
+
+    `transform` (sampling only) maps each conditional to the distribution actually drawn from
+    (temperature, top-k, top-p); the returned `log_q` are the transformed conditionals. `first` (N,)
+    fixes the first token instead of drawing it (speculative sampling's correction after a rejection);
+    the chain then continues conditioned on it.
+    """
+    log_pi = log_w  # (N, r): log of the unnormalised reweighted gate
+    tokens, log_qs = [], []
+    for s in range(log_p.shape[2]):
+        comp = log_p[:, :, s]  # (N, r, V)
+        log_q = mixture(log_pi - torch.logsumexp(log_pi, dim=-1, keepdim=True), comp)
+        if transform is not None:
+            log_q = transform(log_q)
+        if s == 0 and first is not None:
+            x = first
+        elif greedy:
+            x = log_q.argmax(dim=-1)
+        else:
+            x = torch.multinomial(log_q.exp(), 1, generator=generator).squeeze(-1)
+        log_pi = log_pi + comp.gather(-1, x[:, None, None].expand(-1, comp.shape[1], 1)).squeeze(-1)
+        tokens.append(x)
+        log_qs.append(log_q)
+    return Draft(tokens=torch.stack(tokens, dim=1), log_q=torch.stack(log_qs, dim=1))
 
 
 @torch.no_grad()
@@ -51,23 +86,5 @@ def draft(
     Returns the tokens and, for speculative sampling, the conditional log q(. | drafted prefix) of
     every position.
     """
-    log_pi = head.gate_log_weights(h)  # (N, r): log of the unnormalised reweighted gate
-    tokens, log_qs = [], []
-    for s in range(head.horizon):
-        comp = torch.stack(
-            [
-                F.log_softmax(upcast(head.factor_logits(h, a, s, shared_unembedding)), dim=-1)
-                for a in range(head.num_local_components)
-            ],
-            dim=1,
-        )  # (N, r, V)
-        post = log_pi - torch.logsumexp(log_pi, dim=-1, keepdim=True)  # (N, r) normalised pi
-        log_q = torch.logsumexp(post.unsqueeze(-1) + comp, dim=1)  # (N, V)
-        if greedy:
-            x = log_q.argmax(dim=-1)
-        else:
-            x = torch.multinomial(log_q.exp(), 1, generator=generator).squeeze(-1)
-        log_pi = log_pi + comp.gather(-1, x[:, None, None].expand(-1, comp.shape[1], 1)).squeeze(-1)
-        tokens.append(x)
-        log_qs.append(log_q)
-    return Draft(tokens=torch.stack(tokens, dim=1), log_q=torch.stack(log_qs, dim=1))
+    log_p = head.all_factor_log_probs(h, shared_unembedding)
+    return draft_from_factors(head.gate_log_weights(h), log_p, greedy=greedy, generator=generator)

@@ -13,6 +13,7 @@ import zlib
 
 import torch
 import torch.nn.functional as F
+from megatron.core.inference.contexts import BaseInferenceContext
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
@@ -207,3 +208,40 @@ def unembedding_weight(model: GPTModel) -> Tensor:
     if weight is None:
         raise ValueError("this pipeline stage holds neither the embedding nor the output layer")
     return weight
+
+
+def cached_forward(model: GPTModel, tokens: Tensor, cache: BaseInferenceContext) -> Tensor:
+    """Final hidden states (B, k, d) of `tokens` (B, k) appended after the `cache.sequence_len_offset`
+    positions already held in megatron's static KV cache `cache` (a ``StaticInferenceContext``).
+
+    The new keys and values are written at positions offset .. offset + k - 1; the offset is *not*
+    advanced here (the caller decides how many of the k positions to keep, see
+    ``cpmtp_dist/inference/kv_cache.py``). RoPE rotates by absolute position. Megatron drops its causal
+    mask once the offset is past 0 (one query per step needs none); k > 1 new tokens after a prefix get
+    the explicit mask "query at offset + i sees keys 0 .. offset + i".
+    """
+    if not (model.pre_process and model.post_process):
+        raise ValueError("cached_forward needs the whole trunk (pp = 1)")
+    batch, k = tokens.shape
+    offset = cache.sequence_len_offset
+    position_ids = torch.arange(offset, offset + k, device=tokens.device).unsqueeze(0).expand(batch, k)
+    preproc = model._preprocess(input_ids=tokens, position_ids=position_ids, inference_context=cache)
+    decoder_input, rotary_pos_emb, rotary_pos_cos, rotary_pos_sin, sequence_len_offset, padding_mask = (
+        preproc[:6]
+    )
+    mask = None
+    if offset > 0 and k > 1:
+        query = torch.arange(offset, offset + k, device=tokens.device)[:, None]
+        key = torch.arange(offset + k, device=tokens.device)[None, :]
+        mask = (key > query)[None, None]  # True = masked, megatron's convention
+    out = model.decoder(
+        hidden_states=decoder_input,
+        attention_mask=mask,
+        inference_context=cache,
+        rotary_pos_emb=rotary_pos_emb,
+        rotary_pos_cos=rotary_pos_cos,
+        rotary_pos_sin=rotary_pos_sin,
+        sequence_len_offset=sequence_len_offset,
+        padding_mask=padding_mask,
+    )
+    return out.transpose(0, 1)

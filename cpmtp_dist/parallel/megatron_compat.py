@@ -96,6 +96,8 @@ _TORCH_SCOPED_MODULES = {
     "megatron.core.dist_checkpointing.strategies.async_utils": "flags on current_device(), cuda.synchronize()",
     # non-vanilla softmax offsets are created on current_device().
     "megatron.core.transformer.dot_product_attention": "softmax_offset on current_device()",
+    # the static KV cache of decoding (Attention._allocate_memory) is allocated on current_device().
+    "megatron.core.transformer.attention": "KV cache on current_device()",
 }
 
 

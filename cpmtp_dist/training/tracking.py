@@ -33,7 +33,15 @@ from cpmtp_dist.config import TrackingConfig
 from cpmtp_dist.training.tracking_worker import RUN_FILE, Settings, is_number
 
 DEFAULT_EXPERIMENT = "cpmtp"
-__all__ = ["RUN_FILE", "Tracker", "maybe_build_tracker", "run_files", "numeric_metrics", "flatten_params"]
+__all__ = [
+    "RUN_FILE",
+    "Tracker",
+    "maybe_build_tracker",
+    "run_files",
+    "numeric_metrics",
+    "flatten_params",
+    "log_summary_run",
+]
 
 
 def local_tracking_uri(run_dir: Path) -> str:
@@ -256,3 +264,33 @@ def maybe_build_tracker(
     if not (enabled and cfg.enabled):
         return None
     return Tracker(cfg, run_dir, params=params)
+
+
+def log_summary_run(
+    uri: str,
+    experiment: str,
+    run_name: str,
+    *,
+    params: dict[str, Any],
+    metrics: dict[str, float],
+    artifacts: list[Path] = (),
+    tags: dict[str, str] | None = None,
+) -> str:
+    """One finished MLflow run holding a summary (an evaluation, a benchmark, an experiment's table):
+    synchronous MLflow calls, for commands that are not training. Returns the run id."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment)
+    run = client.create_run(exp_id, run_name=run_name, tags=tags or {})
+    rid = run.info.run_id
+    for key, value in flatten_params(params).items():
+        client.log_param(rid, key, value)
+    stamp = int(time.time() * 1000)
+    for key, value in numeric_metrics(metrics).items():
+        client.log_metric(rid, key, value, timestamp=stamp, step=0)
+    for path in artifacts:
+        client.log_artifact(rid, str(path))
+    client.set_terminated(rid, "FINISHED")
+    return rid

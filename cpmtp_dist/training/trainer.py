@@ -139,7 +139,7 @@ def train_step(
     if groups.dp_size > 1:
         dist.all_reduce(count, group=groups.dp_group)
     scale = groups.dp_size / count  # a tensor: no host sync
-    sums = _StatSums(n, cfg.model.cp.rank, device)
+    sums = StatSums(n, cfg.model.cp.rank, device)
     if groups.pp_size > 1:
         _pipeline_forward_backward(engine, pairs, cfg, scale=scale, sums=sums, with_accuracy=log_now)
         engine.step()
@@ -175,7 +175,7 @@ def _pipeline_forward_backward(
     cfg: Config,
     *,
     scale: torch.Tensor | None,
-    sums: _StatSums,
+    sums: StatSums,
     with_accuracy: bool,
 ) -> None:
     """Forward and backward of a step's micro-batches through the pipeline (1F1B); the loss, as in
@@ -214,7 +214,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    sums = _StatSums(cfg.model.cp.horizon, cfg.model.cp.rank, device)
+    sums = StatSums(cfg.model.cp.horizon, cfg.model.cp.rank, device)
     pairs = [make_targets(mb.to(device), cfg.model.cp.horizon, IGNORE_INDEX) for mb in batches]
     if groups.pp_size > 1:
         _pipeline_forward_backward(engine, pairs, cfg, scale=None, sums=sums, with_accuracy=True)
@@ -229,7 +229,7 @@ def evaluate(
     return out
 
 
-class _StatSums:
+class StatSums:
     """Sums of the loss statistics over micro-batches, all-reduced over dp when read."""
 
     def __init__(self, n: int, r: int, device: torch.device) -> None:

@@ -1,0 +1,234 @@
+"""Decoding with the KV cache: rollback, greedy speculative = greedy autoregressive, and speculative
+sampling has the distribution of plain sampling (SPEC.md, "Self-speculative decoding").
+
+References are independent of the decoder: a full forward over the whole context without any cache, and
+the exact sampling distribution enumerated from the model's next-token distributions.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from scipy import stats
+
+from cpmtp_dist.config import CPHeadConfig, ModelConfig, TrunkConfig
+from cpmtp_dist.inference import sampling as sampling_mod
+from cpmtp_dist.inference.decoding import Decoder
+from cpmtp_dist.inference.kv_cache import KVCache
+from cpmtp_dist.inference.sampling import Sampling, accept_or_resample
+from cpmtp_dist.model.cp_model import CPModel
+from cpmtp_dist.parallel.state import initialize_parallel
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _parallel():
+    initialize_parallel(1, 1, 1, seed=0)
+
+
+def make_model(
+    n: int,
+    r: int,
+    *,
+    vocab: int = 64,
+    seq: int = 32,
+    layers: int = 2,
+    sharpen: float = 1.0,
+    head_noise: float = 0.0,
+    **cp,
+) -> CPModel:
+    """A random model. `sharpen` scales the final norm (peakier next-token distributions, so that greedy
+    decoding falls into the repetitions drafts can predict); `head_noise` makes the components differ."""
+    torch.manual_seed(n * 100 + r)
+    trunk = TrunkConfig(
+        num_layers=layers, hidden_size=32, num_attention_heads=4, seq_length=seq, vocab_size=vocab
+    )
+    model = CPModel(ModelConfig(trunk=trunk, cp=CPHeadConfig(horizon=n, rank=r, **cp))).eval()
+    with torch.no_grad():
+        model.trunk.decoder.final_layernorm.weight.mul_(sharpen)
+        head = model.head
+        if head.parameterisation == "separate":  # start each U_a^(s) at the tied U, as a shared head does
+            u = model.unembedding()
+            head.unembed.copy_(
+                u.expand_as(head.unembed) + torch.randn_like(head.unembed) * u.std() * head_noise
+            )
+        else:
+            for p in head.parameters():
+                p.add_(torch.randn_like(p) * head_noise)
+    return model
+
+
+def full_context_hidden(model: CPModel, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model.hidden(torch.tensor([ids]))[0]
+
+
+# ---------------------------------------------------------------------------------------------- KV cache
+def test_cached_forward_in_pieces_equals_one_full_forward():
+    model = make_model(2, 2)
+    ids = torch.randint(0, 64, (30,), generator=torch.Generator().manual_seed(0))
+    cache = KVCache(model.trunk, 32)
+    with torch.no_grad():
+        pieces = [cache.extend(ids[a:b]) for a, b in [(0, 7), (7, 8), (8, 12), (12, 13), (13, 30)]]
+    torch.testing.assert_close(torch.cat(pieces), full_context_hidden(model, ids.tolist()), atol=1e-5, rtol=0)
+    assert cache.length == 30
+
+
+def test_rollback_forgets_the_rejected_positions():
+    model = make_model(2, 2)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 64, (18,), generator=g)
+    junk = torch.randint(0, 64, (5,), generator=g)
+    cache = KVCache(model.trunk, 32)
+    with torch.no_grad():
+        cache.extend(ids[:10])
+        cache.extend(junk)  # a draft rejected whole
+        cache.rollback(10)
+        first = cache.extend(ids[10:15])
+        cache.extend(junk[:3])  # a draft whose first token is kept
+        cache.rollback(16)
+        second = cache.extend(ids[16:18])
+    ref = full_context_hidden(model, ids[:15].tolist() + junk[:1].tolist() + ids[16:18].tolist())
+    torch.testing.assert_close(first, ref[10:15], atol=1e-5, rtol=0)
+    torch.testing.assert_close(second, ref[16:18], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="cannot roll"):
+        cache.rollback(cache.length + 1)
+    with pytest.raises(ValueError, match="do not fit"):
+        cache.extend(torch.zeros(32 - cache.length + 1, dtype=torch.long))
+
+
+# ------------------------------------------------------------------------------------ greedy equality
+HEADS = {  # the head's config and how far its components are moved from the base model's
+    "residual": ({"phi": "residual"}, 0.3),
+    "linear": ({"phi": "linear"}, 0.3),
+    "separate": ({"parameterisation": "separate"}, 2.0),
+}
+
+
+@pytest.mark.parametrize("head", list(HEADS))
+@pytest.mark.parametrize("n,r", [(2, 1), (3, 2), (4, 4)])
+def test_greedy_speculative_output_is_the_greedy_autoregressive_output(n, r, head):
+    """Several prompts, outputs longer than the 24-position window (so the window refills too), a mix
+    of kept and rejected drafts. The autoregressive output itself is checked against decoding without
+    any cache (one full forward per token) inside the first window."""
+    cp, noise = HEADS[head]
+    model = make_model(n, r, seq=24, sharpen=4.0, head_noise=noise, **cp)
+    dec = Decoder(model)
+    g = torch.Generator().manual_seed(n + r)
+    tested = passed = 0
+    for length in (1, 3, 5, 11, 17, 30):
+        prompt = torch.randint(0, 64, (length,), generator=g).tolist()
+        ar = dec.generate(prompt, 40, mode="ar")
+        spec = dec.generate(prompt, 40, mode="speculative")
+        assert spec.tokens == ar.tokens, (length, spec.stats.as_dict())
+        assert len(ar.tokens) == 40 and ar.stats.tokens_per_forward == 1.0
+        assert spec.stats.forwards < ar.stats.forwards or spec.stats.passed[1] == 0
+        tested += spec.stats.tested[1]
+        passed += spec.stats.passed[1]
+        if length < 24:
+            ids, ref = list(prompt[-24:]), []
+            while len(ids) < 24 and len(ref) < len(ar.tokens):
+                nxt = int(model.next_token_log_probs(torch.tensor([ids])).argmax())
+                ids.append(nxt)
+                ref.append(nxt)
+            assert ar.tokens[: len(ref)] == ref
+    assert 0 < passed < tested, (passed, tested)  # both paths of the verification ran
+
+
+def test_eos_ends_both_modes_at_the_same_token():
+    model = make_model(3, 2, sharpen=8.0, head_noise=0.05)
+    dec = Decoder(model)
+    prompt = [3, 1, 4, 1, 5]
+    free = dec.generate(prompt, 30, mode="ar").tokens
+    eos = free[7]
+    ar = dec.generate(prompt, 30, mode="ar", eos_id=eos)
+    spec = dec.generate(prompt, 30, mode="speculative", eos_id=eos)
+    assert ar.tokens == spec.tokens == free[: free.index(eos)]
+
+
+# --------------------------------------------------------------------------------- speculative sampling
+def test_sampling_transform_on_a_hand_built_distribution():
+    p = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05]).log()
+    top2 = Sampling(greedy=False, top_k=2).transform(p).exp()
+    torch.testing.assert_close(top2, torch.tensor([5 / 7, 2 / 7, 0, 0, 0]))
+    nucleus = Sampling(greedy=False, top_p=0.8).transform(p).exp()  # 0.5 + 0.2 < 0.8 <= 0.85
+    torch.testing.assert_close(nucleus, torch.tensor([0.5, 0.2, 0.15, 0, 0]) / 0.85)
+    hot = Sampling(greedy=False, temperature=0.5).transform(p).exp()
+    torch.testing.assert_close(hot, p.exp() ** 2 / (p.exp() ** 2).sum())
+    assert Sampling(greedy=False, top_p=0.3).transform(p).exp()[0] == 1.0  # the top token always stays
+    with pytest.raises(ValueError, match="--temperature"):
+        Sampling(temperature=0.0)
+
+
+def test_accept_or_resample_returns_draws_of_the_verifier():
+    p = torch.tensor([0.05, 0.4, 0.3, 0.25, 0.0])
+    q = torch.tensor([0.5, 0.1, 0.1, 0.1, 0.2])
+    g = torch.Generator().manual_seed(0)
+    draws = 20000
+    counts = torch.zeros(5)
+    for _ in range(draws):
+        x = int(torch.multinomial(q, 1, generator=g))
+        _, y = accept_or_resample(p.log(), q.log(), x, g)
+        counts[y] += 1
+    assert counts[4] == 0
+    chi = stats.chisquare(counts[:4].numpy(), (p[:4] * draws).numpy())
+    assert chi.pvalue > 1e-3, (counts, chi)
+
+
+def exact_sampling_distribution(model: CPModel, prompt: list[int], k: int, s: Sampling) -> dict:
+    """P(x_1..x_k) of plain sampling, from full forwards without a cache, over all V^k outcomes."""
+    vocab = model.cfg.trunk.vocab_size
+    probs = {}
+    for seq in itertools.product(range(vocab), repeat=k):
+        logp = 0.0
+        for j in range(k):
+            lp = s.transform(model.next_token_log_probs(torch.tensor([prompt + list(seq[:j])]))[0])
+            logp += float(lp[seq[j]])
+        probs[seq] = math.exp(logp)
+    return probs
+
+
+def speculative_counts(model: CPModel, prompt: list[int], k: int, s: Sampling, draws: int) -> dict:
+    dec = Decoder(model)
+    counts: dict = {}
+    for i in range(draws):
+        out = tuple(dec.generate(prompt, k, mode="speculative", sampling=s, seed=i).tokens)
+        counts[out] = counts.get(out, 0) + 1
+    return counts
+
+
+def chi_square_pvalue(counts: dict, probs: dict, draws: int) -> float:
+    keys = sorted(probs)
+    observed = [counts.get(key, 0) for key in keys]
+    assert sum(observed) == draws, "an output outside the support of plain sampling"
+    expected = [probs[key] * draws for key in keys]
+    # Pool the rare outcomes so that every expected count is >= 5 (the chi-square approximation).
+    big = [i for i, e in enumerate(expected) if e >= 5]
+    small = [i for i, e in enumerate(expected) if e < 5]
+    obs = [observed[i] for i in big] + ([sum(observed[i] for i in small)] if small else [])
+    exp = [expected[i] for i in big] + ([sum(expected[i] for i in small)] if small else [])
+    return stats.chisquare(obs, [e * sum(obs) / sum(exp) for e in exp]).pvalue
+
+
+@pytest.mark.slow
+def test_speculative_sampling_has_the_distribution_of_plain_sampling(monkeypatch):
+    """V = 4, n = 3, r = 2, temperature 0.9 and top-k 3: the first three sampled tokens (64 outcomes)
+    from 2000 speculative decodings against the exact distribution of plain sampling (about 70 % of the
+    second drafts are kept, so both the kept drafts and the corrections are exercised). The same test
+    rejects a decoder that keeps every draft (the draft's conditionals differ from the verifier's)."""
+    model = make_model(3, 2, vocab=4, layers=1, sharpen=3.0, head_noise=0.3)
+    s = Sampling(greedy=False, temperature=0.9, top_k=3)
+    prompt = [1, 2, 3, 0, 2]
+    probs = exact_sampling_distribution(model, prompt, 3, s)
+    draws = 2000
+    counts = speculative_counts(model, prompt, 3, s, draws)
+    assert chi_square_pvalue(counts, probs, draws) > 1e-3
+
+    monkeypatch.setattr(
+        "cpmtp_dist.inference.decoding.accept_or_resample", lambda log_p, log_q, token, gen: (True, token)
+    )
+    wrong = speculative_counts(model, prompt, 3, s, 600)
+    assert chi_square_pvalue(wrong, probs, 600) < 1e-6
+    assert sampling_mod.accept_or_resample is accept_or_resample  # only the decoder's reference was patched

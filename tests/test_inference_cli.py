@@ -1,0 +1,96 @@
+"""`cpmtp generate`, `cpmtp eval` and `cpmtp bench decode` end to end on a small trained checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import pytest
+
+from test_train_cli import SMALL, cpmtp
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inference")
+    run = root / "run"
+    res = cpmtp(
+        "train", "--config", "configs/tiny.yaml", "train.steps=40", *SMALL, "--run-dir", str(run), cache=root
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    return run, root
+
+
+@pytest.mark.slow
+def test_generate_greedy_is_the_same_text_both_ways_and_sampling_runs(trained):
+    run, cache = trained
+    common = [
+        "generate",
+        "--checkpoint",
+        str(run / "checkpoints"),
+        "--prompt",
+        "def main(",
+        "--max-new-tokens",
+    ]
+    ar = cpmtp(*common, "40", "--mode", "ar", cache=cache)
+    spec = cpmtp(*common, "40", "--mode", "speculative", cache=cache)
+    assert ar.returncode == 0 and spec.returncode == 0, ar.stderr[-2000:] + spec.stderr[-2000:]
+    assert ar.stdout == spec.stdout and ar.stdout.startswith("def main(")
+    assert "1.00 tokens per forward" in ar.stderr
+    sampled = cpmtp(*common, "20", "--temperature", "0.8", "--top-p", "0.9", "--seed", "3", cache=cache)
+    again = cpmtp(*common, "20", "--temperature", "0.8", "--top-p", "0.9", "--seed", "3", cache=cache)
+    assert sampled.returncode == 0 and sampled.stdout == again.stdout  # seeded
+    bad = cpmtp(*common, "8", "--greedy", "--temperature", "0.5", cache=cache)
+    assert bad.returncode != 0 and "--greedy takes the argmax" in bad.stderr
+    bad = cpmtp(*common, "8", "--top-p", "1.5", cache=cache)
+    assert bad.returncode != 0 and "--top-p 1.5: must be in (0, 1]" in bad.stderr
+
+
+@pytest.mark.slow
+def test_eval_writes_the_metrics_and_logs_them_to_mlflow(trained):
+    run, cache = trained
+    out = cache / "eval.json"
+    res = cpmtp(
+        "eval", "--checkpoint", str(run / "checkpoints"), "--out", str(out), "--batches", "2", "--prompts", "2",
+        "--new-tokens", "16", cache=cache,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    result = json.loads(out.read_text())
+    h = result["heldout"]
+    assert result["checkpoint"].endswith("step_0000040")
+    assert h["joint_loss"] > h["ntp_loss"] > 0 and h["heldout_sequences"] == 8
+    assert len(h["expert_usage"]) == 4 and sum(h["expert_usage"]) == pytest.approx(1, abs=1e-3)
+    for kind in ("greedy", "sampling_t1"):
+        d = result["decoding"][kind]
+        assert 1 <= d["tokens_per_forward"] <= 4 and d["acceptance"][0] == 1.0 and len(d["acceptance"]) == 4
+        assert d["new_tokens"] == 32
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{run / 'mlflow.db'}")
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()], "tags.`cpmtp.kind` = 'eval'"
+    )
+    assert len(runs) == 1
+    logged = runs[0].data.metrics
+    assert logged["eval_joint_loss"] == pytest.approx(h["joint_loss"])
+    assert logged["decode_greedy_tokens_per_forward"] == pytest.approx(
+        result["decoding"]["greedy"]["tokens_per_forward"]
+    )
+    missing = cpmtp("eval", "--checkpoint", str(run / "checkpoints"), "--data", str(cache / "nowhere"),
+                    "--out", str(out), cache=cache)  # fmt: skip
+    assert missing.returncode != 0 and "nowhere" in missing.stderr
+
+
+@pytest.mark.slow
+def test_bench_decode_compares_both_modes_on_the_same_prompts(trained):
+    run, cache = trained
+    out = cache / "bench.json"
+    res = cpmtp(
+        "bench", "decode", "--checkpoint", str(run / "checkpoints"), "--out", str(out), "--prompts", "2",
+        "--max-new-tokens", "24", "--repeats", "1", "--tracking-uri", "none", cache=cache,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    b = json.loads(out.read_text())
+    assert b["prompts"] == 2 and b["sampling"]["greedy"] is True
+    assert b["ar_tokens_per_s"] > 0 and b["speculative_tokens_per_s"] > 0
+    assert b["speedup"] == pytest.approx(b["speculative_tokens_per_s"] / b["ar_tokens_per_s"])
+    assert 1 <= b["tokens_per_forward"] <= 4
+    assert "speed-up" in res.stdout
