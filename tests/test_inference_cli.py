@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import mlflow
 import pytest
 
-from test_train_cli import SMALL, cpmtp
+from test_train_cli import ROOT, SMALL, cpmtp
 
 
 @pytest.fixture(scope="module")
@@ -81,16 +84,20 @@ def test_eval_writes_the_metrics_and_logs_them_to_mlflow(trained):
 
 @pytest.mark.slow
 def test_bench_decode_compares_both_modes_on_the_same_prompts(trained):
+    """Through bench/decode.py --quick, which runs `cpmtp bench decode` greedy and sampled."""
     run, cache = trained
-    out = cache / "bench.json"
-    res = cpmtp(
-        "bench", "decode", "--checkpoint", str(run / "checkpoints"), "--out", str(out), "--prompts", "2",
-        "--max-new-tokens", "24", "--repeats", "1", "--tracking-uri", "none", cache=cache,
+    out, md = cache / "bench.json", cache / "BENCH.md"
+    res = subprocess.run(
+        [sys.executable, "bench/decode.py", "--quick", "--checkpoint", str(run / "checkpoints"), "--out", str(out),
+         "--markdown", str(md)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "CPMTP_CACHE_DIR": str(cache)},
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
-    b = json.loads(out.read_text())
-    assert b["prompts"] == 2 and b["sampling"]["greedy"] is True
-    assert b["ar_tokens_per_s"] > 0 and b["speculative_tokens_per_s"] > 0
-    assert b["speedup"] == pytest.approx(b["speculative_tokens_per_s"] / b["ar_tokens_per_s"])
-    assert 1 <= b["tokens_per_forward"] <= 4
-    assert "speed-up" in res.stdout
+    result = json.loads(out.read_text())
+    assert "n = 4, r = 4" in result["model"]
+    for name, b in result["runs"].items():
+        assert b["prompts"] == 2 and b["sampling"]["greedy"] is (name == "greedy")
+        assert b["ar_tokens_per_s"] > 0 and b["speculative_tokens_per_s"] > 0
+        assert b["speedup"] == pytest.approx(b["speculative_tokens_per_s"] / b["ar_tokens_per_s"])
+        assert 1 <= b["tokens_per_forward"] <= 4
+    assert "| greedy |" in md.read_text() and "speed-up" in res.stdout

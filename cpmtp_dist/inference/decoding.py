@@ -105,7 +105,7 @@ class Decoder:
         self.cache.extend(torch.tensor(keep))
         stats.refills += 1
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(
         self,
         prompt: list[int],

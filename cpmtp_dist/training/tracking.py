@@ -273,11 +273,12 @@ def log_summary_run(
     *,
     params: dict[str, Any],
     metrics: dict[str, float],
-    artifacts: list[Path] = (),
+    artifacts: list[Path | tuple[Path, str]] = (),
     tags: dict[str, str] | None = None,
 ) -> str:
     """One finished MLflow run holding a summary (an evaluation, a benchmark, an experiment's table):
-    synchronous MLflow calls, for commands that are not training. Returns the run id."""
+    synchronous MLflow calls, for commands that are not training. An artifact is a file, or (file, folder
+    in the run's artifacts). Returns the run id."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=uri)
@@ -290,7 +291,8 @@ def log_summary_run(
     stamp = int(time.time() * 1000)
     for key, value in numeric_metrics(metrics).items():
         client.log_metric(rid, key, value, timestamp=stamp, step=0)
-    for path in artifacts:
-        client.log_artifact(rid, str(path))
+    for item in artifacts:
+        path, folder = item if isinstance(item, tuple) else (item, None)
+        client.log_artifact(rid, str(path), folder)
     client.set_terminated(rid, "FINISHED")
     return rid

@@ -1,0 +1,191 @@
+"""The paper's experiment: the same trunk and data, CP heads of rank r in {1, 2, 4, 8} at n = 4.
+
+    python experiments/rank_sweep.py                       # configs/tiny.yaml, 300 steps each, ~30 min on 2 cores
+    python experiments/rank_sweep.py --ranks 1 8 --steps 100 --root runs/quick_sweep --results /tmp/r.md
+
+For each rank: `cpmtp train` (equal steps, data order and seed; skipped when the run already holds its
+final checkpoint, resumed when it holds an earlier one), `cpmtp eval` (held-out joint and next-token loss,
+per-head accuracy, expert usage, tokens per forward and acceptance of self-speculative decoding, greedy and
+sampled) and `cpmtp bench decode` (wall-clock speed-up of speculative over autoregressive decoding,
+greedy, batch 1). Then one table and one figure (joint loss and tokens per forward against r) go to
+`--results` (docs/RESULTS.md) and, with every per-rank file, to one MLflow run of the experiment
+`rank_sweep` in `<root>/mlflow.db`. Each training run tracks itself in its own run directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+from report import write_section  # noqa: E402
+
+sys.path.insert(0, str(REPO))
+from cpmtp_dist.config_io import load_config  # noqa: E402
+from cpmtp_dist.training.tracking import log_summary_run  # noqa: E402
+
+BEGIN, END = "<!-- rank_sweep:begin -->", "<!-- rank_sweep:end -->"
+
+
+def cpmtp(*args: str) -> None:
+    cmd = [sys.executable, "-m", "launchers.cli", *args]
+    print("+", " ".join(cmd[2:]), flush=True)
+    subprocess.run(cmd, cwd=REPO, check=True)
+
+
+def final_step(run: Path) -> int:
+    latest = run / "checkpoints" / "latest"
+    if not latest.exists():
+        return 0
+    return json.loads((run / "checkpoints" / latest.read_text().strip() / "meta.json").read_text())["step"]
+
+
+def train_tokens_per_s(run: Path) -> float:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return statistics.median(r["tokens_per_s"] for r in rows if "tokens_per_s" in r)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ranks = [r["rank"] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
+    a.plot(ranks, [r["joint_loss"] for r in rows], "o-", label="joint (4 tokens)")
+    a.set_xscale("log", base=2)
+    a.set_xticks(ranks, [str(x) for x in ranks])
+    a.set_xlabel("rank r")
+    a.set_ylabel("held-out loss (nats)")
+    a.set_title("joint loss")
+    b.plot(ranks, [r["tpf_greedy"] for r in rows], "o-", label="greedy")
+    b.plot(ranks, [r["tpf_sampling"] for r in rows], "s-", label="sampling, T = 1")
+    b.set_xscale("log", base=2)
+    b.set_xticks(ranks, [str(x) for x in ranks])
+    b.set_xlabel("rank r")
+    b.set_ylabel("tokens per forward")
+    b.set_title("self-speculative decoding")
+    b.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def table(rows: list[dict]) -> str:
+    head = (
+        "| r | joint loss | next-token loss | head 2-4 loss | tokens/forward greedy | acceptance s=2,3,4 (greedy) "
+        "| tokens/forward sampling | decode speed-up (greedy) | training tokens/s |\n"
+        "|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    for r in rows:
+        acc = ", ".join(f"{a:.2f}" for a in r["acceptance_greedy"][1:])
+        heads = ", ".join(f"{x:.2f}" for x in r["head_losses"][1:])
+        lines.append(
+            f"| {r['rank']} | {r['joint_loss']:.3f} | {r['ntp_loss']:.3f} | {heads} | {r['tpf_greedy']:.2f} | {acc} "
+            f"| {r['tpf_sampling']:.2f} | {r['speedup']:.2f}× | {r['train_tokens_per_s']:.0f} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/tiny.yaml")
+    p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--horizon", type=int, default=4)
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the config's)")
+    p.add_argument("--root", default="runs/rank_sweep", help="one run directory per rank below it")
+    p.add_argument("--results", default="docs/RESULTS.md", help="markdown file for the table and figure")
+    p.add_argument("--figure", default="docs/img/rank_sweep.png")
+    p.add_argument("--json", default="bench/results/rank_sweep.json")
+    p.add_argument("--eval-batches", type=int, default=16)
+    p.add_argument("--prompts", type=int, default=8, help="held-out prompts decoded per model")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("overrides", nargs="*", help="more `cpmtp train` overrides, the same for every rank")
+    args = p.parse_args()
+
+    root = (REPO / args.root).resolve()
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    base = [f"model.cp.horizon={args.horizon}", *args.overrides]
+    if args.steps is not None:
+        base.append(f"train.steps={args.steps}")
+    rows, files = [], []
+    for r in args.ranks:
+        run = root / f"r{r}"
+        train = ["train", "--config", args.config, f"model.cp.rank={r}", *base, "--run-dir", str(run),
+                 "--experiment", "rank_sweep"]  # fmt: skip
+        cfg_steps = load_config(REPO / args.config, [f"model.cp.rank={r}", *base]).train.steps
+        done = final_step(run)
+        if done == 0:
+            cpmtp(*train)
+        elif done < cfg_steps:
+            cpmtp(*train, "--resume", "auto")
+        eval_json, bench_json = run / "eval.json", run / "bench_decode.json"
+        ckpt = str(run / "checkpoints")
+        cpmtp("eval", "--checkpoint", ckpt, "--out", str(eval_json), "--batches", str(args.eval_batches),
+              "--prompts", str(args.prompts), "--new-tokens", str(args.new_tokens), "--tracking-uri", uri,
+              "--experiment", "rank_sweep")  # fmt: skip
+        cpmtp("bench", "decode", "--checkpoint", ckpt, "--out", str(bench_json), "--prompts", str(args.prompts),
+              "--max-new-tokens", str(args.new_tokens), "--repeats", "3", "--tracking-uri", "none")  # fmt: skip
+        ev, bd = json.loads(eval_json.read_text()), json.loads(bench_json.read_text())
+        h, dec = ev["heldout"], ev["decoding"]
+        rows.append({
+            "rank": r,
+            "joint_loss": h["joint_loss"],
+            "ntp_loss": h["ntp_loss"],
+            "head_losses": [h[f"head_loss_{s}"] for s in range(1, args.horizon + 1)],
+            "expert_usage": h["expert_usage"],
+            "tpf_greedy": dec["greedy"]["tokens_per_forward"],
+            "acceptance_greedy": dec["greedy"]["acceptance"],
+            "tpf_sampling": dec["sampling_t1"]["tokens_per_forward"],
+            "acceptance_sampling": dec["sampling_t1"]["acceptance"],
+            "speedup": bd["speedup"],
+            "bench_tokens_per_forward": bd["tokens_per_forward"],
+            "train_tokens_per_s": train_tokens_per_s(run),
+        })  # fmt: skip
+        files += [(eval_json, f"r{r}"), (bench_json, f"r{r}")]
+
+    out_json = REPO / args.json
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps({"config": args.config, "overrides": base, "rows": rows}, indent=2) + "\n")
+    figure = REPO / args.figure
+    plot(rows, figure)
+    results = REPO / args.results
+    rel = (
+        Path(figure).relative_to(Path(args.results).parent)
+        if figure.is_relative_to(results.parent)
+        else figure
+    )
+    command = "python experiments/rank_sweep.py " + " ".join(sys.argv[1:])
+    section = (
+        f"Command: `{command.strip()}` ({args.config}, n = {args.horizon}, overrides: `{' '.join(base)}`).\n\n"
+        + table(rows)
+        + f"\n![joint loss and tokens per forward against r]({rel})\n"
+    )
+    write_section(results, BEGIN, END, section)
+
+    metrics = {}
+    for row in rows:
+        for key in ("joint_loss", "ntp_loss", "tpf_greedy", "tpf_sampling", "speedup", "train_tokens_per_s"):
+            metrics[f"{key}_r{row['rank']}"] = row[key]
+    rid = log_summary_run(
+        uri,
+        "rank_sweep",
+        f"rank sweep n={args.horizon} r={','.join(map(str, args.ranks))}",
+        params={"config": args.config, "overrides": " ".join(base), "ranks": args.ranks},
+        metrics=metrics,
+        artifacts=[out_json, figure, results, *files],
+        tags={"cpmtp.kind": "rank_sweep"},
+    )
+    print(f"{results} and {figure} written; MLflow run {rid} at {uri}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
