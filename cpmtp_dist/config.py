@@ -182,6 +182,24 @@ class TrackingConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Head-only fine-tuning: start from a trained checkpoint, optionally freeze the trunk and distil the
+    source model's next-token distribution into the CP head (docs/FINETUNE.md)."""
+
+    init_from: str | None = None
+    """A checkpoint folder, or a run's `checkpoints/` folder (its newest checkpoint), whose weights start this
+    run at step 0 with a fresh optimizer. The trunk must match in shape; head tensors of another shape (other
+    n or r) are built from the source head. None: the weights come from `train.seed`."""
+    freeze_trunk: bool = False
+    """Train the CP head only: the trunk, tied unembedding included, gets no gradient and no optimizer state.
+    Needs init_from."""
+    distill_weight: float = 0.0
+    """beta in [0, 1]: the loss is (1 - beta) * CP joint NLL + beta * KL(base || draft), where base is the
+    source checkpoint's next-token distribution at each future position. Needs init_from and freeze_trunk,
+    and tp = pp = ep = 1. 0 turns distillation off."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -190,3 +208,4 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)

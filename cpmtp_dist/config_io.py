@@ -558,6 +558,62 @@ def validate_config(
             "optim.zero_stage to 1 or 2"
         )
 
+    # --- head-only fine-tuning -------------------------------------------------------------------
+    ft = cfg.finetune
+    beta_ok = ok("finetune.distill_weight")
+    if beta_ok and not 0 <= ft.distill_weight <= 1:
+        problems.append(
+            f"finetune.distill_weight={ft.distill_weight} is outside [0, 1]: set it to e.g. 0.5 (0 turns "
+            "distillation off)"
+        )
+    distil = beta_ok and ft.distill_weight > 0
+    if ok("finetune.init_from") and ft.init_from is not None:
+        if not ft.init_from.strip():
+            problems.append(
+                "finetune.init_from='' is empty: set it to a checkpoint folder (or a run's checkpoints/ "
+                "folder), or null to start from train.seed"
+            )
+        else:
+            # Imported here: reading a checkpoint's folder pulls in torch, which loading a config does not need.
+            from cpmtp_dist.training.finetune import FinetuneError, resolve_init_checkpoint
+
+            try:
+                resolve_init_checkpoint(ft.init_from)
+            except FinetuneError as err:
+                problems.append(str(err))
+    if ok("finetune.init_from", "finetune.freeze_trunk") and ft.freeze_trunk and ft.init_from is None:
+        problems.append(
+            "finetune.freeze_trunk=true without finetune.init_from would freeze a randomly initialised trunk: "
+            "set finetune.init_from to a trained checkpoint (or finetune.freeze_trunk to false)"
+        )
+    if ok("finetune.freeze_trunk", "parallel.pp") and ft.freeze_trunk and par.pp > 1:
+        problems.append(
+            f"finetune.freeze_trunk=true is not supported with parallel.pp={par.pp} yet: the pipeline stages "
+            "before the last hold only trunk layers, so they would have nothing to train; set parallel.pp to 1 "
+            "(tp, ep and data parallelism work)"
+        )
+    if distil and ok("finetune.init_from") and ft.init_from is None:
+        problems.append(
+            f"finetune.distill_weight={ft.distill_weight} needs finetune.init_from (the teacher is the source "
+            "checkpoint's next-token model): set finetune.init_from, or finetune.distill_weight to 0"
+        )
+    if distil and ok("finetune.freeze_trunk") and not ft.freeze_trunk:
+        problems.append(
+            f"finetune.distill_weight={ft.distill_weight} needs finetune.freeze_trunk=true (the teacher shares "
+            "the trunk, which must stay the source's): set finetune.freeze_trunk to true, or "
+            "finetune.distill_weight to 0"
+        )
+    if distil and ok("parallel.tp", "parallel.pp", "parallel.ep", "parallel.sequence_parallel"):
+        layout = {"parallel.tp": par.tp, "parallel.pp": par.pp, "parallel.ep": par.ep}
+        other = [f"{k}={v}" for k, v in layout.items() if v != 1]
+        other += ["parallel.sequence_parallel=true"] if par.sequence_parallel else []
+        if other:
+            problems.append(
+                f"finetune.distill_weight={ft.distill_weight} is not supported with {', '.join(other)} yet: "
+                "distillation runs at parallel.tp = pp = ep = 1 without sequence parallelism (scale out with "
+                "data parallelism), or set finetune.distill_weight to 0"
+            )
+
     # --- tracking ------------------------------------------------------------------------------
     for name in ("system_metrics_interval_s", "retry_every_s"):
         if ok(f"tracking.{name}") and not get(f"tracking.{name}") > 0:

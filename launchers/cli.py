@@ -78,11 +78,13 @@ def _train(args: argparse.Namespace) -> int:
 
     from cpmtp_dist.data.shards import ShardError
     from cpmtp_dist.training.checkpoint import ResumeError
+    from cpmtp_dist.training.finetune import FinetuneError
     from cpmtp_dist.training.trainer import train
 
     try:
         result = train(cfg, run_dir, resume=resume, tracker=tracker)
-    except (ShardError, ResumeError) as err:  # unusable data or checkpoint: the message says what to do
+    # Unusable data or checkpoint (to resume, or to fine-tune from): the message says what to do.
+    except (ShardError, ResumeError, FinetuneError) as err:
         if tracker is not None:
             tracker.discard()
         print(f"error: {err}", file=sys.stderr)

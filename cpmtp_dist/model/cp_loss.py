@@ -15,16 +15,21 @@ Two implementations with identical values and gradients:
     logits the closed-form gradient gamma_{t,a} * (softmax - onehot), where gamma = softmax_a(l) are
     the responsibilities. Peak logit memory is one chunk of (chunk_tokens, V).
 All loss math is fp32, whatever the dtype of the trunk and the head's parameters.
+
+Head-only fine-tuning adds `distillation_kl_sum`: KL(base || draft) of each future token, the draft's
+conditional given the true prefix against a frozen base model's next-token distribution.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
 
 from cpmtp_dist.model.cp_head import IGNORE_INDEX, CPHead, upcast
 from cpmtp_dist.parallel.experts import LOCAL_EXPERTS, ExpertShard
@@ -48,6 +53,7 @@ class CPLossOutput:
     head_count: Tensor  # (n,) positions whose target s exists
     head_correct: Tensor | None  # (n,) argmax of the s-th marginal == target (when asked for)
     aux_loss: Tensor | None = None  # () differentiable L_aux, when the caller asks for it
+    distill_kl_sum: Tensor | None = None  # () differentiable sum of KL(base || draft), when distilling
 
 
 def _finish(log_w: Tensor, target_logp: Tensor, valid: Tensor) -> tuple[Tensor, ...]:
@@ -364,3 +370,98 @@ def load_balancing_loss(log_weights: Tensor, responsibilities: Tensor, has_targe
     top = F.one_hot(responsibilities.argmax(-1), r).float()
     f = (top * m).sum(0) / count  # (r,)
     return r * (f * mean_w).sum()
+
+
+# --------------------------------------------------------------------------------------------------
+# Distillation (head-only fine-tuning)
+
+
+def draft_conditional_log_probs(log_w: Tensor, log_p: Tensor, targets: Tensor) -> Tensor:
+    """log q_s(.) of the draft given the true prefix (teacher forcing), for every head position s.
+
+        q_s = sum_a pi_a^(s) P_a^(s),   pi^(s) ∝ w_a prod_{j<s, target j exists} P_a^(j)(x_{t+j})
+
+    log_w: (N, r) gate log-weights; log_p: (N, r, n, V) factor log-probabilities; targets: (N, n) with
+    IGNORE_INDEX where missing (such a token is marginalised out of the prefix, as in the loss).
+    Returns (N, n, V). Since q_s(x_{t+s}) chains to the joint, sum_s -log q_s(x_{t+s}) = L_t.
+    """
+    valid = targets != IGNORE_INDEX  # (N, n)
+    idx = targets.clamp_min(0)[:, None, :, None].expand(-1, log_p.shape[1], -1, 1)
+    target_logp = log_p.gather(-1, idx).squeeze(-1) * valid.unsqueeze(1)  # (N, r, n)
+    prefix = target_logp.cumsum(-1) - target_logp  # (N, r, n): sum over j < s
+    log_pi = log_w.unsqueeze(-1) + prefix
+    log_pi = log_pi - torch.logsumexp(log_pi, dim=1, keepdim=True)  # (N, r, n), normalised over a
+    return torch.logsumexp(log_pi.unsqueeze(-1) + log_p, dim=1)  # (N, n, V)
+
+
+def distillation_kl_sum(
+    head: CPHead,
+    h: Tensor,
+    targets: Tensor,
+    shared_unembedding: Tensor | None,
+    teacher_log_probs: Callable[[Tensor], Tensor],
+    *,
+    chunk_tokens: int = 4096,
+) -> Tensor:
+    """sum over positions t and head positions s whose target exists of KL(p_s || q_s), fp32.
+
+    q_s is the draft's conditional of x_{t+s} given the true prefix x_{t+1..t+s-1}
+    (`draft_conditional_log_probs`); p_s is the base model's next-token distribution of the same token,
+    `teacher_log_probs` (rows, d) -> (rows, V) at position t+s-1 of the same sequence (computed from the
+    same hidden states: the trunk is frozen and shared). A term whose position t+s-1 lies outside the
+    sequence is dropped. Divide by the same count as the CP loss (positions with >= 1 target).
+
+    h: (B, T, d) trunk output; targets: (B, T, n). Gradients reach the head (gate included) and, if
+    they require grad, h and the shared unembedding; never the teacher.
+
+    Note: memory. Each chunk of `chunk_tokens` rows materialises (rows, r, n, V) log-probabilities;
+    the chunks are activation-checkpointed, so only one chunk's are alive at a time, in the forward as
+    in the backward (which recomputes the chunk, teacher included). Single device: all r components and
+    the whole vocabulary must be here (no tp, ep or pp).
+    """
+    if h.dim() != 3 or targets.shape[:2] != h.shape[:2] or targets.shape[-1] != head.horizon:
+        raise ValueError(
+            f"distillation needs h (B, T, d) and targets (B, T, {head.horizon}); got {tuple(h.shape)} and "
+            f"{tuple(targets.shape)}"
+        )
+    if head.num_local_components != head.rank:
+        raise ValueError("distillation is single-device: it needs all r components here (ep = 1)")
+    b, t_len, n = targets.shape
+    if head.parameterisation == "separate":
+        shared_unembedding = None
+    # Position of the teacher row of each (t, s) inside its sequence: t + s - 1 must exist.
+    pos = torch.arange(t_len, device=targets.device)[:, None] + torch.arange(n, device=targets.device)
+    valid = (targets != IGNORE_INDEX) & (pos < t_len)  # (B, T, n)
+    targets = torch.where(valid, targets, torch.full_like(targets, IGNORE_INDEX)).reshape(-1, n)
+    h = h.reshape(-1, h.shape[-1])  # (N, d)
+    n_rows = h.shape[0]
+
+    def chunk_kl(h_win: Tensor, rows: slice, unembed: Tensor | None) -> Tensor:
+        # h_win: the chunk's rows and the n - 1 after them (teacher positions t + s - 1).
+        k = rows.stop - rows.start
+        hc, tg = h_win[:k], targets[rows]  # (k, d), (k, n)
+        log_q = draft_conditional_log_probs(
+            head.gate_log_weights(hc), head.all_factor_log_probs(hc, unembed), tg
+        )  # (k, n, V)
+        with torch.no_grad():
+            base = upcast(teacher_log_probs(h_win.detach()))  # (k + n - 1 or fewer, V)
+            base = F.pad(base, (0, 0, 0, k + n - 1 - base.shape[0]))  # rows past the end are never used
+            # log p_s at row i: teacher row i + s (window offset), i.e. position t + s - 1.
+            log_p = base.unfold(0, n, 1)[:k].transpose(1, 2)  # (k, n, V)
+            p = log_p.exp()
+            ent = (p * log_p).sum(-1)  # (k, n): sum_v p log p (KL's constant part)
+        kl = ent - (p * log_q).sum(-1)  # (k, n)
+        return torch.where(tg != IGNORE_INDEX, kl, torch.zeros_like(kl)).sum()
+
+    total = torch.zeros((), dtype=upcast(h[:0]).dtype, device=h.device)
+    for rows in _chunks(n_rows, chunk_tokens):
+        h_win = h[rows.start : min(rows.stop + n - 1, n_rows)]
+        if torch.is_grad_enabled():
+            # Nothing random is drawn in a chunk, so the generators need not be saved for the recomputation.
+            part = checkpoint(
+                chunk_kl, h_win, rows, shared_unembedding, use_reentrant=False, preserve_rng_state=False
+            )
+        else:
+            part = chunk_kl(h_win, rows, shared_unembedding)
+        total = total + part
+    return total

@@ -7,12 +7,14 @@ n = 1, r = 1 with the residual map (W2 = 0 at init) is exactly a plain next-toke
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import Tensor, nn
 
 from cpmtp_dist.config import ModelConfig
 from cpmtp_dist.model.cp_head import IGNORE_INDEX, CPHead
-from cpmtp_dist.model.cp_loss import CPLossOutput, cp_loss, load_balancing_loss
+from cpmtp_dist.model.cp_loss import CPLossOutput, cp_loss, distillation_kl_sum, load_balancing_loss
 from cpmtp_dist.model.drafting import Draft, draft, next_token_log_probs
 from cpmtp_dist.model.trunk import (
     build_trunk,
@@ -28,11 +30,22 @@ from cpmtp_dist.parallel.sequence import gather_sequence
 from cpmtp_dist.parallel.vocab import LOCAL, VocabShard
 
 
+class DistillationTeacher(Protocol):
+    """The base model distilled into the head (`training/finetune.py`): frozen, not part of the model."""
+
+    def log_probs(self, h: Tensor) -> Tensor:
+        """Next-token log-probabilities (N, V), fp32, of the final hidden states h (N, d); no grad."""
+        ...
+
+
 class CPModel(nn.Module):
     """Trunk + CP head. Attribute names (`trunk`, `head`) are the checkpoint's key prefixes.
 
     Under pipeline parallelism a `CPModel` is one stage: its part of the trunk, and the head on the last
     stage only (`head` is None elsewhere).
+
+    A distillation teacher (`set_teacher`) is a plain attribute, not a submodule: its weights are not the
+    model's parameters, state-dict entries or checkpoint keys.
     """
 
     def __init__(
@@ -57,6 +70,7 @@ class CPModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.vocab, self.experts, self.stage = vocab, experts, stage
+        self.teacher: DistillationTeacher | None = None
         self.sequence_parallel = sequence_parallel
         v_local = cfg.trunk.vocab_size // vocab.world
         r_local = cfg.cp.rank // experts.world
@@ -83,6 +97,17 @@ class CPModel(nn.Module):
                     vocab_range=(vocab.start, vocab.start + v_local),
                     params_dtype=params_dtype,
                 )
+
+    def set_teacher(self, teacher: DistillationTeacher | None) -> None:
+        """Attach (or, with None, detach) the teacher of the distillation loss: while the model is in
+        training mode, `head_loss` then also returns `distill_kl_sum`."""
+        if isinstance(teacher, nn.Module):
+            raise TypeError("the teacher must not be an nn.Module: its weights would join the model's")
+        if teacher is not None and (
+            self.vocab.world > 1 or self.experts.world > 1 or self.stage.size > 1 or self.sequence_parallel
+        ):
+            raise NotImplementedError("distillation runs at tp = pp = ep = 1 without sequence parallelism")
+        self.teacher = teacher
 
     def hidden(self, tokens: Tensor) -> Tensor:
         """Final hidden states (B, T, d) of `tokens` (B, T)."""
@@ -120,7 +145,11 @@ class CPModel(nn.Module):
         return self.head_loss(output.transpose(0, 1), targets, with_accuracy=with_accuracy)
 
     def head_loss(self, h: Tensor, targets: Tensor, with_accuracy: bool = False) -> CPLossOutput:
-        """CP loss of the final hidden states `h` (B, T, d) against `targets` (B, T, n): the last stage."""
+        """CP loss of the final hidden states `h` (B, T, d) against `targets` (B, T, n): the last stage.
+
+        With a teacher attached and the model in training mode, `distill_kl_sum` holds the summed
+        KL(base || draft) (`cp_loss.distillation_kl_sum`); evaluation (eval mode) reports the CP loss only.
+        """
         if self.head is None:
             raise ValueError("only the last pipeline stage holds the CP head")
         cp = self.cfg.cp
@@ -140,6 +169,15 @@ class CPModel(nn.Module):
             log_w = self.head.gate_log_weights(h.reshape(-1, h.shape[-1]))
             has_target = (targets != IGNORE_INDEX).any(-1).reshape(-1)
             out.aux_loss = load_balancing_loss(log_w, out.responsibilities, has_target)
+        if self.teacher is not None and self.training:
+            out.distill_kl_sum = distillation_kl_sum(
+                self.head,
+                h,
+                targets,
+                self.unembedding(),
+                self.teacher.log_probs,
+                chunk_tokens=cp.chunk_tokens,
+            )
         return out
 
     def _single_device(self) -> None:

@@ -6,6 +6,8 @@ and data parallelism give the gradient of one big batch. `train_step` therefore 
 for the whole step first (one all-reduce over dp), and each micro-batch back-propagates
 `loss_sum * dp / count`: DeepSpeed averages gradients over dp ranks, which the factor dp undoes.
 The auxiliary balancing loss is a per-micro-batch statistic and is averaged over micro-batches.
+Head-only fine-tuning with distillation (`finetune.distill_weight` = beta) back-propagates
+`(1 - beta) * loss_sum + beta * distill_kl_sum` with the same scale: both are sums over the same positions.
 """
 
 from __future__ import annotations
@@ -51,6 +53,12 @@ from cpmtp_dist.training.checkpoint import (
     save_checkpoint,
     set_rng_state,
     start_checkpoint_writer,
+)
+from cpmtp_dist.training.finetune import (
+    build_teacher,
+    freeze_trunk,
+    load_initial_weights,
+    resolve_init_checkpoint,
 )
 from cpmtp_dist.training.metrics import MetricsLogger, entropy, model_flops_per_token, peak_flops
 from cpmtp_dist.training.optim import build_engine
@@ -101,7 +109,37 @@ def build_model(
     return model
 
 
+def apply_finetune(
+    model: CPModel, cfg: Config, groups: ParallelGroups, *, init: Path | None, resuming: bool
+) -> str | None:
+    """`cfg.finetune` on a freshly built model, before the engine exists: the source checkpoint's weights
+    (unless the run resumes from its own checkpoint, which holds them), the frozen trunk, the teacher (on
+    resume too: it always comes from `init`). Returns what was done, for the log, or None."""
+    ft = cfg.finetune
+    notes = []
+    if init is not None:
+        if resuming:
+            notes.append(f"weights from the resumed checkpoint, not from {init}")
+        else:
+            notes.append(load_initial_weights(model, init, groups, cfg.train.seed))
+    if ft.freeze_trunk:
+        freeze_trunk(model)
+        notes.append("trunk frozen (tied unembedding included): only the CP head trains")
+    if ft.distill_weight > 0 and init is not None:
+        model.set_teacher(build_teacher(model, init))
+        notes.append(f"distilling the head of {init} with weight {ft.distill_weight}")
+    return "; ".join(notes) or None
+
+
 # --------------------------------------------------------------------------------------------------
+def objective_sum(out: CPLossOutput, distill_weight: float) -> torch.Tensor:
+    """The summed training objective of one micro-batch before normalisation (the auxiliary loss aside):
+    the CP loss, or `(1 - beta) * loss_sum + beta * distill_kl_sum` when distilling."""
+    if out.distill_kl_sum is None:
+        return out.loss_sum
+    return (1.0 - distill_weight) * out.loss_sum + distill_weight * out.distill_kl_sum
+
+
 def forward_backward(
     engine: Any,
     tokens: torch.Tensor,
@@ -110,10 +148,12 @@ def forward_backward(
     scale: torch.Tensor,
     aux_weight: float,
     with_accuracy: bool,
+    distill_weight: float = 0.0,
 ) -> tuple[CPLossOutput, torch.Tensor]:
     """One micro-batch: forward, normalised loss, backward. Returns the loss output and L_aux."""
     out: CPLossOutput = engine(tokens, targets, with_accuracy=with_accuracy)
-    loss = out.loss_sum * scale.to(out.loss_sum.dtype)
+    total = objective_sum(out, distill_weight)
+    loss = total * scale.to(total.dtype)
     aux = torch.zeros((), device=tokens.device)
     if out.aux_loss is not None:
         aux = out.aux_loss
@@ -155,6 +195,7 @@ def train_step(
             scale=scale,
             aux_weight=cfg.model.cp.aux_loss_weight,
             with_accuracy=log_now,
+            distill_weight=cfg.finetune.distill_weight,
         )
         sums.add(out, aux)
         if log_now and i == len(pairs) - 1 and engine.zero_optimization_stage() == 0:
@@ -186,7 +227,8 @@ def _pipeline_forward_backward(
     def loss_func(pair: tuple[torch.Tensor, torch.Tensor], output: torch.Tensor):
         out = model.loss_from_output(output, pair[1], with_accuracy=with_accuracy)
         aux = torch.zeros((), device=output.device)
-        loss = out.loss_sum if scale is None else out.loss_sum * scale.to(out.loss_sum.dtype)
+        total = objective_sum(out, cfg.finetune.distill_weight)
+        loss = total if scale is None else total * scale.to(total.dtype)
         if out.aux_loss is not None and scale is not None:
             aux = out.aux_loss
             loss = loss + aux_weight * aux / len(pairs)
@@ -234,8 +276,9 @@ class StatSums:
 
     def __init__(self, n: int, r: int, device: torch.device) -> None:
         z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=device)  # noqa: E731
-        self.loss, self.positions, self.aux = z(()), z(()), z(())
+        self.loss, self.positions, self.aux, self.kl = z(()), z(()), z(()), z(())
         self.head_nll, self.head_count, self.head_correct, self.usage = z(n), z(n), z(n), z(r)
+        self.distill = False  # whether a micro-batch carried the distillation KL
 
     def add(self, out: CPLossOutput, aux: torch.Tensor) -> None:
         self.loss += out.loss_sum.detach().double()
@@ -246,6 +289,9 @@ class StatSums:
         if out.head_correct is not None:
             self.head_correct += out.head_correct.double()
         self.usage += out.responsibilities.sum(0).double()
+        if out.distill_kl_sum is not None:
+            self.kl += out.distill_kl_sum.detach().double()
+            self.distill = True
 
     def reduce(self, groups: ParallelGroups, *, num_micro: int) -> dict[str, Any]:
         """The statistics of the whole step (all dp ranks), on every rank. Under pipeline parallelism
@@ -257,7 +303,7 @@ class StatSums:
             if not groups.is_last_stage:
                 flat.zero_()
             dist.all_reduce(flat, group=groups.pp_group)
-        loss, positions, aux, *rest = flat.tolist()
+        loss, positions, aux, kl, *rest = flat.tolist()
         n, r = len(self.head_nll), len(self.usage)
         head_nll, head_count = rest[:n], rest[n : 2 * n]
         head_correct, usage = rest[2 * n : 3 * n], rest[3 * n : 3 * n + r]
@@ -271,6 +317,8 @@ class StatSums:
             "expert_usage": [round(u, 5) for u in usage_t.tolist()],
             "expert_usage_entropy": entropy(usage_t),
         }
+        if self.distill:
+            metrics["distill_kl"] = kl / max(positions, 1.0)  # per position, as the joint loss
         for s in range(n):
             metrics[f"head_loss_{s + 1}"] = head_nll[s] / max(head_count[s], 1.0)
             metrics[f"acc_head_{s + 1}"] = head_correct[s] / max(head_count[s], 1.0)
@@ -281,6 +329,7 @@ class StatSums:
             self.loss,
             self.positions,
             self.aux,
+            self.kl,
             self.head_nll,
             self.head_count,
             self.head_correct,
@@ -359,7 +408,9 @@ def train(
     step with the model, optimizer, scheduler, data-loader position and generator states it holds, so the
     steps that follow are those of an uninterrupted run.
     """
-    start_checkpoint_writer()  # first: it forks a small helper process
+    # First: a missing source checkpoint must fail before anything is built.
+    init = resolve_init_checkpoint(cfg.finetune.init_from) if cfg.finetune.init_from is not None else None
+    start_checkpoint_writer()  # it forks a small helper process
     par = cfg.parallel  # validated by config_io.validate_config before any group exists
     groups = initialize_parallel(par.tp, par.pp, par.ep, seed=cfg.train.seed)
     is_logger = groups.rank == 0
@@ -378,6 +429,7 @@ def train(
     t = cfg.train
     grad_accum = t.global_batch_size // (t.micro_batch_size * groups.dp_size)
     model = build_model(cfg, groups, dtype, device)
+    finetune_note = apply_finetune(model, cfg, groups, init=init, resuming=resume is not None)
     # Under pp, Megatron's schedule runs the micro-batches: DeepSpeed sees one batch per step.
     pipelined = groups.pp_size > 1
     engine = build_engine(
@@ -401,6 +453,8 @@ def train(
             f"tp={groups.tp_size} pp={groups.pp_size} ep={groups.ep_size} dp={groups.dp_size}, accumulation {grad_accum}",
             flush=True,
         )
+        if finetune_note is not None:
+            print(f"finetune: {finetune_note}", flush=True)
 
     def checkpoint(step: int) -> Path:
         tic = time.perf_counter()
@@ -455,8 +509,12 @@ def train(
                 elapsed = time.perf_counter() - tic
                 steps_done = t.log_every if step % t.log_every == 0 else step % t.log_every
                 tps = tokens_per_step * steps_done / elapsed
+                beta = cfg.finetune.distill_weight
+                objective = metrics["joint_loss"]
+                if "distill_kl" in metrics:
+                    objective = (1 - beta) * objective + beta * metrics["distill_kl"]
                 metrics |= {
-                    "loss": metrics["joint_loss"] + cfg.model.cp.aux_loss_weight * metrics["aux_loss"],
+                    "loss": objective + cfg.model.cp.aux_loss_weight * metrics["aux_loss"],
                     "lr": engine.get_lr()[0],
                     "tokens_per_s": tps,
                     "tokens_seen": step * tokens_per_step,
