@@ -57,21 +57,21 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     ranks = [r["rank"] for r in rows]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
-    a.plot(ranks, [r["joint_loss"] for r in rows], "o-", label="joint (4 tokens)")
-    a.set_xscale("log", base=2)
-    a.set_xticks(ranks, [str(x) for x in ranks])
-    a.set_xlabel("rank r")
-    a.set_ylabel("held-out loss (nats)")
-    a.set_title("joint loss")
-    b.plot(ranks, [r["tpf_greedy"] for r in rows], "o-", label="greedy")
-    b.plot(ranks, [r["tpf_sampling"] for r in rows], "s-", label="sampling, T = 1")
-    b.set_xscale("log", base=2)
-    b.set_xticks(ranks, [str(x) for x in ranks])
-    b.set_xlabel("rank r")
-    b.set_ylabel("tokens per forward")
-    b.set_title("self-speculative decoding")
-    b.legend()
+    panels = [
+        ("held-out joint loss (nats)", "joint loss of the next n tokens", [("joint_loss", "o-", "joint")]),
+        ("tokens per forward", "self-speculative decoding",
+         [("tpf_greedy", "o-", "greedy"), ("tpf_sampling", "s-", "sampling, T = 1")]),
+    ]  # fmt: skip
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for ax, (ylabel, title, series) in zip(axes, panels, strict=True):
+        for key, style, label in series:
+            ax.plot(ranks, [r[key] for r in rows], style, label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ranks, [str(x) for x in ranks])
+        ax.set_xlabel("rank r")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -133,16 +133,30 @@ def stage_forward(model: GPTModel, tokens: Tensor) -> Tensor:
     """
     if tokens.dim() != 2:
         raise ValueError(f"tokens must be (B, T), got shape {tuple(tokens.shape)}")
-    batch, seq = tokens.shape
-    # RoPE ignores position ids (it rotates by position index 0..T-1); the embedding wants them anyway.
-    position_ids = torch.arange(seq, device=tokens.device).unsqueeze(0).expand(batch, seq)
-    preproc = model._preprocess(input_ids=tokens, position_ids=position_ids)
+    return _run(model, tokens)
+
+
+def _run(
+    model: GPTModel,
+    tokens: Tensor,
+    *,
+    cache: BaseInferenceContext | None = None,
+    attention_mask: Tensor | None = None,
+) -> Tensor:
+    """Megatron's ``_preprocess`` then ``decoder`` for `tokens` (B, k) at positions offset .. offset + k - 1
+    (offset = the positions `cache` already holds, else 0); sequence-first output [k, B, d]."""
+    batch, k = tokens.shape
+    offset = cache.sequence_len_offset if cache is not None else 0
+    # RoPE rotates by position index (from the cache's offset); the embedding wants position ids anyway.
+    position_ids = torch.arange(offset, offset + k, device=tokens.device).unsqueeze(0).expand(batch, k)
+    preproc = model._preprocess(input_ids=tokens, position_ids=position_ids, inference_context=cache)
     decoder_input, rotary_pos_emb, rotary_pos_cos, rotary_pos_sin, sequence_len_offset, padding_mask = (
         preproc[:6]
     )
     return model.decoder(
         hidden_states=decoder_input,
-        attention_mask=None,
+        attention_mask=attention_mask,
+        inference_context=cache,
         rotary_pos_emb=rotary_pos_emb,
         rotary_pos_cos=rotary_pos_cos,
         rotary_pos_sin=rotary_pos_sin,
@@ -222,26 +236,12 @@ def cached_forward(model: GPTModel, tokens: Tensor, cache: BaseInferenceContext)
     """
     if not (model.pre_process and model.post_process):
         raise ValueError("cached_forward needs the whole trunk (pp = 1)")
-    batch, k = tokens.shape
+    k = tokens.shape[1]
     offset = cache.sequence_len_offset
-    position_ids = torch.arange(offset, offset + k, device=tokens.device).unsqueeze(0).expand(batch, k)
-    preproc = model._preprocess(input_ids=tokens, position_ids=position_ids, inference_context=cache)
-    decoder_input, rotary_pos_emb, rotary_pos_cos, rotary_pos_sin, sequence_len_offset, padding_mask = (
-        preproc[:6]
-    )
     mask = None
     if offset > 0 and k > 1:
         query = torch.arange(offset, offset + k, device=tokens.device)[:, None]
         key = torch.arange(offset + k, device=tokens.device)[None, :]
         mask = (key > query)[None, None]  # True = masked, megatron's convention
-    out = model.decoder(
-        hidden_states=decoder_input,
-        attention_mask=mask,
-        inference_context=cache,
-        rotary_pos_emb=rotary_pos_emb,
-        rotary_pos_cos=rotary_pos_cos,
-        rotary_pos_sin=rotary_pos_sin,
-        sequence_len_offset=sequence_len_offset,
-        padding_mask=padding_mask,
-    )
+    out = _run(model, tokens, cache=cache, attention_mask=mask)
     return out.transpose(0, 1)
