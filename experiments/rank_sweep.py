@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -157,11 +158,7 @@ def main() -> int:
     figure = REPO / args.figure
     plot(rows, figure)
     results = REPO / args.results
-    rel = (
-        Path(figure).relative_to(Path(args.results).parent)
-        if figure.is_relative_to(results.parent)
-        else figure
-    )
+    rel = os.path.relpath(figure, results.parent)
     command = "python experiments/rank_sweep.py " + " ".join(sys.argv[1:])
     section = (
         f"Command: `{command.strip()}` ({args.config}, n = {args.horizon}, overrides: `{' '.join(base)}`).\n\n"

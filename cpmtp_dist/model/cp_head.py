@@ -145,17 +145,31 @@ class CPHead(nn.Module):
         return self.factor_log_probs(h, shared_unembedding, slice(None))
 
     def factor_log_probs(self, h: Tensor, shared_unembedding: Tensor | None, positions: slice) -> Tensor:
-        """log P_a^(s)(. | h) for all local components a and the head positions s in `positions`, fp32,
-        in one batched product per parameter: (N, d) -> (N, r_local, len(positions), V)."""
+        """log P_a^(s)(. | h) for all local components a and the head positions s in `positions`, fp32:
+        (N, d) -> (N, r_local, len(positions), V). Batched over (a, s): the decoding path."""
+        r, n = self.num_local_components, self.horizon
         if self.parameterisation == "separate":
-            logits = torch.einsum("nd,asvd->nasv", h, self.unembed[:, positions])
-        else:
-            if shared_unembedding is None:
-                raise ValueError("the `shared` parameterisation needs the trunk's unembedding weight")
-            if self.phi_kind == "residual":
-                z = F.silu(torch.einsum("nd,ashd->nash", h, self.phi_w1[:, positions]))
-                feats = h[:, None, None, :] + torch.einsum("nash,asdh->nasd", z, self.phi_w2[:, positions])
-            else:
-                feats = torch.einsum("nd,ased->nase", h, self.phi_weight[:, positions])
-            logits = feats @ shared_unembedding.t()
-        return F.log_softmax(upcast(logits), dim=-1)
+            rows = [
+                torch.stack([h @ self.unembed[a, s].t() for s in range(n)[positions]], dim=1)
+                for a in range(r)
+            ]
+            return F.log_softmax(upcast(torch.stack(rows, dim=1)), dim=-1)
+        if shared_unembedding is None:
+            raise ValueError("the `shared` parameterisation needs the trunk's unembedding weight")
+        feats = self.features_at(h, positions)  # (N, r, p, d)
+        return F.log_softmax(upcast(feats @ shared_unembedding.t()), dim=-1)
+
+    def features_at(self, h: Tensor, positions: slice) -> Tensor:
+        """phi_{a,s}(h) of a `shared` head for every local component a and the head positions s in
+        `positions`, as a few large products: (N, d) -> (N, r_local, p, d)."""
+        rows, d = h.shape
+        if self.phi_kind == "residual":
+            w1, w2 = self.phi_w1[:, positions], self.phi_w2[:, positions]  # (r, p, hid, d), (r, p, d, hid)
+            r, p, hid, _ = w1.shape
+            z = F.silu(h @ w1.reshape(r * p * hid, d).t())  # (N, r p hid)
+            z = z.view(rows, r * p, hid).transpose(0, 1)  # (r p, N, hid)
+            out = torch.bmm(z, w2.reshape(r * p, d, hid).transpose(1, 2))  # (r p, N, d)
+            return h[:, None, None, :] + out.transpose(0, 1).reshape(rows, r, p, d)
+        w = self.phi_weight[:, positions]  # (r, p, d, d)
+        r, p = w.shape[:2]
+        return (h @ w.reshape(r * p * d, d).t()).view(rows, r, p, d)
