@@ -283,7 +283,12 @@ def log_summary_run(
 
     client = mlflow.MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment)
+    if exp is not None:
+        exp_id = exp.experiment_id
+    else:  # a sqlite store keeps its artifacts beside it (MLflow's default is ./mlruns, wherever one runs)
+        local = uri.startswith("sqlite:///")
+        location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri() if local else None
+        exp_id = client.create_experiment(experiment, artifact_location=location)
     run = client.create_run(exp_id, run_name=run_name, tags=tags or {})
     rid = run.info.run_id
     for key, value in flatten_params(params).items():
