@@ -72,7 +72,8 @@ def test_eval_writes_the_metrics_and_logs_them_to_mlflow(trained):
         [e.experiment_id for e in client.search_experiments()], "tags.`cpmtp.kind` = 'eval'"
     )
     assert len(runs) == 1
-    assert runs[0].info.artifact_uri.startswith((run / "mlartifacts").as_uri())  # beside the store, not ./mlruns
+    # The artifacts lie beside the store (not in ./mlruns).
+    assert runs[0].info.artifact_uri.startswith((run / "mlartifacts").as_uri())
     logged = runs[0].data.metrics
     assert logged["eval_joint_loss"] == pytest.approx(h["joint_loss"])
     assert logged["decode_greedy_tokens_per_forward"] == pytest.approx(
