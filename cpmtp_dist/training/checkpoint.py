@@ -181,6 +181,15 @@ def read_model_state(folder: Path, prefix: str = "model.") -> dict[str, torch.Te
 
     import torch.distributed.checkpoint as dcp
 
+    if not (folder / "state" / ".metadata").exists():
+        older = (
+            " (it holds model.pt: a checkpoint of an older format, before state/)"
+            if (folder / "model.pt").exists()
+            else ""
+        )
+        raise FileNotFoundError(
+            f"{folder} holds no state/.metadata, so no weights this version can read{older}"
+        )
     reader = dcp.FileSystemReader(str(folder / "state"))
     shapes = reader.read_metadata().state_dict_metadata
     state = {
