@@ -149,10 +149,12 @@ class CPHead(nn.Module):
         (N, d) -> (N, r_local, len(positions), V). Batched over (a, s): the decoding path."""
         r, n = self.num_local_components, self.horizon
         if self.parameterisation == "separate":
-            rows = [
-                torch.stack([h @ self.unembed[a, s].t() for s in range(n)[positions]], dim=1)
-                for a in range(r)
-            ]
+            wanted = range(n)[positions]
+            if not wanted:
+                return torch.empty(
+                    h.shape[0], r, 0, self.unembed.shape[2], dtype=torch.float32, device=h.device
+                )
+            rows = [torch.stack([h @ self.unembed[a, s].t() for s in wanted], dim=1) for a in range(r)]
             return F.log_softmax(upcast(torch.stack(rows, dim=1)), dim=-1)
         if shared_unembedding is None:
             raise ValueError("the `shared` parameterisation needs the trunk's unembedding weight")
