@@ -256,6 +256,7 @@ class Worker:
         self.opened: _Open | None = None
         self.ended = False
         self.one_at_a_time = False  # after a refused batch: send the rows singly to find the refused one
+        self.failing = False  # the last delivery failed: the server does not answer
 
     def report(self, **msg: Any) -> None:
         try:
@@ -289,12 +290,12 @@ class Worker:
         interval, retry = self.s.system_metrics_interval_s, self.s.retry_every_s
         next_sample, samples = time.monotonic() + interval, 0
         pending: deque = deque()
-        failing = warned = False
+        self.failing = warned = False
         next_try = 0.0
         orphaned_at = None  # when stdin ended without a close: the trainer died
         while not self.ended:
-            wake = ([next_sample] if sampler is not None else []) + ([next_try] if failing else [])
-            if pending and not failing:
+            wake = ([next_sample] if sampler is not None else []) + ([next_try] if self.failing else [])
+            if pending and not self.failing:
                 wake.append(0.0)  # what is left after a refused item goes at once
             try:
                 timeout = max(0.0, min(wake) - time.monotonic()) if wake else None
@@ -324,7 +325,7 @@ class Worker:
                     samples += 1
                 next_sample = time.monotonic() + interval
                 sampler = None if closing else sampler
-            if not pending or (failing and not closing and time.monotonic() < next_try):
+            if not pending or (self.failing and not closing and time.monotonic() < next_try):
                 continue
             if self.opened is None and all(isinstance(p, _Metrics) and p.system for p in pending):
                 continue  # the run is opened by the trainer's first row: until then the trainer may discard us
@@ -346,13 +347,11 @@ class Worker:
                         warn=True,
                     )
                     warned = True
-                failing = True
+                self.failing = True
                 next_try = time.monotonic() + (1.0 if closing else retry)
                 continue
             self.one_at_a_time = False
-            if failing:
-                self.say(f"mlflow: {self.s.uri} answers again; the buffered metrics were sent")
-                failing = False
+            self._answered()
             if not warm:  # import and load the plotting now, while training runs, rather than at the end
                 _warm_up_plotting()
                 warm = True
@@ -381,6 +380,13 @@ class Worker:
         except Exception as err:
             self.say(f"warning: mlflow: no system metrics ({err})", warn=True)
             return None
+
+    def _answered(self) -> None:
+        """Say once that the server answers again after failures (before the run's end is reported: the
+        trainer stops the worker as soon as it hears of the end)."""
+        if self.failing:
+            self.say(f"mlflow: {self.s.uri} answers again; the buffered metrics were sent")
+            self.failing = False
 
     def _deliver(self, pending: deque) -> None:
         """Send the pending items in order, dropping each once MLflow has it; raises on the first failure."""
@@ -420,6 +426,7 @@ class Worker:
             elif isinstance(item, _End):
                 opened.client.set_terminated(opened.run_id, status=item.status)
                 pending.popleft()
+                self._answered()
                 self.ended = True
                 self.report(ended=True)
 
