@@ -31,7 +31,7 @@ from torch import Tensor
 from cpmtp_dist.inference.kv_cache import KVCache
 from cpmtp_dist.inference.sampling import Sampling, accept_or_resample
 from cpmtp_dist.model.cp_model import CPModel
-from cpmtp_dist.model.drafting import draft_from_factors, mixture
+from cpmtp_dist.model.drafting import draft_from_factors, first_token_factors
 
 MODES = ("ar", "speculative")
 
@@ -95,9 +95,7 @@ class Decoder:
 
     def _first_factors(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Gate log-weights (k, r), first factors (k, r, V) and next-token log-marginal (k, V) at h (k, d)."""
-        log_w = self.head.gate_log_weights(h)
-        first = self.head.factor_log_probs(h, self.model.unembedding(), slice(0, 1))[:, :, 0]
-        return log_w, first, mixture(log_w, first)
+        return first_token_factors(self.head, h, self.model.unembedding())
 
     def _refill(self, ids: list[int], stats: DecodeStats) -> None:
         keep = ids[-max(1, self.capacity // 2) :]

@@ -52,17 +52,23 @@ def heldout_metrics(model: CPModel, batches: Sequence[torch.Tensor]) -> dict:
 def merge_stats(runs: Sequence[DecodeStats]) -> dict:
     """Totals over decoding runs: tokens per forward = all accepted / all forwards, acceptance of head
     position s = all kept / all tested drafts at s."""
-    forwards = sum(r.forwards for r in runs)
-    accepted = sum(r.accepted for r in runs)
-    tested = [sum(col) for col in zip(*(r.tested for r in runs), strict=True)]
-    passed = [sum(col) for col in zip(*(r.passed for r in runs), strict=True)]
+    total = DecodeStats(
+        mode=runs[0].mode,
+        horizon=runs[0].horizon,
+        new_tokens=sum(r.new_tokens for r in runs),
+        forwards=sum(r.forwards for r in runs),
+        accepted=sum(r.accepted for r in runs),
+        seconds=sum(r.seconds for r in runs),
+        tested=[sum(col) for col in zip(*(r.tested for r in runs), strict=True)],
+        passed=[sum(col) for col in zip(*(r.passed for r in runs), strict=True)],
+    )
     return {
         "sequences": len(runs),
-        "new_tokens": sum(r.new_tokens for r in runs),
-        "forwards": forwards,
-        "tokens_per_forward": accepted / forwards if forwards else float("nan"),
-        "acceptance": [p / t if t else float("nan") for p, t in zip(passed, tested, strict=True)],
-        "seconds": sum(r.seconds for r in runs),
+        "new_tokens": total.new_tokens,
+        "forwards": total.forwards,
+        "tokens_per_forward": total.tokens_per_forward,
+        "acceptance": total.acceptance,
+        "seconds": total.seconds,
     }
 
 

@@ -23,10 +23,17 @@ def mixture(log_w: Tensor, log_p: Tensor) -> Tensor:
     return torch.logsumexp(log_w.unsqueeze(-1) + log_p, dim=-2)
 
 
+def first_token_factors(head: CPHead, h: Tensor, shared_unembedding: Tensor | None) -> tuple[Tensor, ...]:
+    """The gate's log w (N, r), the first factors log P_a^(1) (N, r, V) and the next-token marginal
+    log P(x_{t+1} | h) = logsumexp_a (log w_a + log P_a^(1)) (N, V), fp32, at h (N, d)."""
+    log_w = head.gate_log_weights(h)
+    first = head.factor_log_probs(h, shared_unembedding, slice(0, 1))[:, :, 0]
+    return log_w, first, mixture(log_w, first)
+
+
 def next_token_log_probs(head: CPHead, h: Tensor, shared_unembedding: Tensor | None) -> Tensor:
-    """log P(x_{t+1} | h) = logsumexp_a (log w_a + log P_a^(1)), fp32.  (N, d) -> (N, V)."""
-    first = head.factor_log_probs(h, shared_unembedding, slice(0, 1))[:, :, 0]  # (N, r, V)
-    return mixture(head.gate_log_weights(h), first)
+    """log P(x_{t+1} | h), fp32.  (N, d) -> (N, V)."""
+    return first_token_factors(head, h, shared_unembedding)[2]
 
 
 @dataclass

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from cpmtp_dist.config import TrackingConfig
-from cpmtp_dist.training.tracking_worker import RUN_FILE, Settings, is_number
+from cpmtp_dist.training.tracking_worker import RUN_FILE, Settings, artifact_location, is_number
 
 DEFAULT_EXPERIMENT = "cpmtp"
 __all__ = [
@@ -285,9 +285,9 @@ def log_summary_run(
     exp = client.get_experiment_by_name(experiment)
     if exp is not None:
         exp_id = exp.experiment_id
-    else:  # a sqlite store keeps its artifacts beside it (MLflow's default is ./mlruns, wherever one runs)
+    else:
         local = uri.startswith("sqlite:///")
-        location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri() if local else None
+        location = artifact_location(Path(uri.removeprefix("sqlite:///")).parent) if local else None
         exp_id = client.create_experiment(experiment, artifact_location=location)
     run = client.create_run(exp_id, run_name=run_name, tags=tags or {})
     rid = run.info.run_id

@@ -64,6 +64,12 @@ class Settings:
     flush_timeout_s: float
 
 
+def artifact_location(store_dir: Path) -> str:
+    """Where a local sqlite store in `store_dir` keeps its artifacts: beside it (MLflow's default is
+    ./mlruns, wherever the command runs)."""
+    return (store_dir.resolve() / "mlartifacts").as_uri()
+
+
 def is_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -449,7 +455,7 @@ class Worker:
         exp = client.get_experiment_by_name(s.experiment)
         if exp is None:
             # The default store keeps its artifacts in the run directory too (MLflow's default is ./mlruns).
-            location = (self.run_dir.resolve() / "mlartifacts").as_uri() if s.local else None
+            location = artifact_location(self.run_dir) if s.local else None
             try:
                 exp_id = client.create_experiment(s.experiment, artifact_location=location)
             except MlflowException:  # created meanwhile by another run
