@@ -48,10 +48,10 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from cpmtp_dist.data.corpus import is_heldout
+from cpmtp_dist.data.corpus import HELDOUT_RULE, is_heldout
 from cpmtp_dist.data.shards import FORMAT, MANIFEST, file_sha256
 from cpmtp_dist.data.tokenizer import CARD_FILE, MODEL_FILE, Tokenizer, load_tokenizer
-from data_pipelines.sources import iter_documents
+from data_pipelines.sources import ResolvedInput, read_documents, resolve_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -128,9 +128,9 @@ def build_shards(
     tokenizer_dir, out_dir = Path(tokenizer_dir), Path(out_dir)
     tok = _load_tokenizer(tokenizer_dir)
     # Resolves every input now (the documents are read later): a mistyped path fails before --out is touched.
-    iter_documents(list(inputs), jsonl_field=jsonl_field)
+    resolved = resolve_inputs(list(inputs))
     settings = ShardSettings(
-        inputs=tuple(inputs),
+        inputs=tuple(res.key for res in resolved),  # where the inputs lie is not a setting: they may move
         seq_len=seq_len,
         dtype="uint16" if tok.vocab_size <= 1 << 16 else "uint32",
         shard_bytes=max(1, int(shard_size_mb * (1 << 20))),
@@ -148,8 +148,8 @@ def build_shards(
     _copy_tokenizer(tokenizer_dir, out_dir / TOKENIZER_DIR)
     for split in SPLITS:
         if progress["splits"][split]["done"] is None:
-            _SplitWriter(split, settings, out_dir, progress).run(workers, progress_bar)
-    manifest = _manifest(settings, tok, progress)
+            _SplitWriter(split, settings, resolved, out_dir, progress).run(workers, progress_bar)
+    manifest = _manifest(settings, tok, progress, resolved)
     if manifest["splits"]["train"]["sequences"] == 0:
         raise ValueError(
             f"the training split of {list(inputs)} holds fewer than seq_len + 1 = {seq_len + 1} tokens: "
@@ -296,9 +296,17 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
 class _SplitWriter:
     """One pass over the documents that writes the shards of one split, continuing from ``progress``."""
 
-    def __init__(self, split: str, settings: ShardSettings, out_dir: Path, progress: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        split: str,
+        settings: ShardSettings,
+        resolved: list[ResolvedInput],
+        out_dir: Path,
+        progress: dict[str, Any],
+    ) -> None:
         self.split = split
         self.settings = settings
+        self.resolved = resolved
         self.out_dir = out_dir
         self.progress = progress
         self.state = progress["splits"][split]
@@ -324,7 +332,7 @@ class _SplitWriter:
         want_heldout = self.split == "valid"
 
         def own_documents() -> Iterator[tuple[int, str, str]]:
-            docs = iter_documents(list(self.settings.inputs), jsonl_field=self.settings.jsonl_field)
+            docs = read_documents(self.resolved, jsonl_field=self.settings.jsonl_field)
             for index, doc in enumerate(docs):
                 if check is not None and index == check[0] and doc.name != check[1]:
                     raise ValueError(
@@ -477,7 +485,9 @@ def _encode(tok: Tokenizer, text: str, dtype: np.dtype) -> np.ndarray:
     return np.array(ids, dtype=dtype)
 
 
-def _manifest(settings: ShardSettings, tok: Tokenizer, progress: dict[str, Any]) -> dict[str, Any]:
+def _manifest(
+    settings: ShardSettings, tok: Tokenizer, progress: dict[str, Any], resolved: list[ResolvedInput]
+) -> dict[str, Any]:
     sample_tokens = settings.seq_len + 1
     splits = {}
     for split in ("train", "valid"):
@@ -503,6 +513,8 @@ def _manifest(settings: ShardSettings, tok: Tokenizer, progress: dict[str, Any])
             "pad_id": tok.pad_id,
         },
         "inputs": list(settings.inputs),
+        "document_names": [res.names for res in resolved],
+        "heldout_rule": HELDOUT_RULE,
         "heldout_fraction": settings.heldout_fraction,
         "splits": splits,
     }

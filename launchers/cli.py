@@ -97,10 +97,12 @@ def _train(args: argparse.Namespace) -> int:
         return PREEMPTED_EXIT_CODE
     if is_rank0:
         ev = result.eval_metrics
-        print(
-            f"done: {result.final_step} steps; held-out joint loss {ev['eval_joint_loss']:.4f}, "
-            f"next-token loss {ev['eval_ntp_loss']:.4f}; checkpoint {result.checkpoint}"
+        held_out = (
+            f"held-out joint loss {ev['eval_joint_loss']:.4f}, next-token loss {ev['eval_ntp_loss']:.4f}"
+            if ev
+            else "no held-out evaluation (too few held-out samples)"
         )
+        print(f"done: {result.final_step} steps; {held_out}; checkpoint {result.checkpoint}")
     return 0
 
 

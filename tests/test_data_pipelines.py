@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,12 +21,12 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from cpmtp_dist.data.corpus import Document, is_heldout, stdlib_root
+from cpmtp_dist.data.corpus import HELDOUT_RULE, Document, is_heldout, stdlib_root
 from cpmtp_dist.data.prose import help_topics, module_docstrings, stdlib_prose_documents
 from cpmtp_dist.data.tokenizer import load_tokenizer
 from data_pipelines import shards as shards_module
 from data_pipelines.shards import build_shards
-from data_pipelines.sources import iter_documents
+from data_pipelines.sources import iter_documents, read_documents, resolve_inputs
 from launchers.cli import main as cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,7 +130,9 @@ def test_sources_errors_name_the_input_and_the_fix(tmp_path: Path, monkeypatch, 
         iter_documents(["nothing/*.txt"])
     with pytest.raises(ValueError, match=r"unknown built-in corpus 'builtin:wiki'.*builtin:stdlib-prose"):
         iter_documents(["builtin:wiki"])
-    with pytest.raises(ValueError, match=r"reached by both inputs 'ok\.txt' and '\*\.txt'"):
+    with pytest.raises(
+        ValueError, match=r"'ok\.txt' \(input 'ok\.txt'\) and 'ok\.txt' \(input '\*\.txt'\) are the same"
+    ):
         iter_documents(["ok.txt", "*.txt"])
 
     _write(tmp_path / "bad.jsonl", '{"text": "a"}\n{"text": "b"\n')
@@ -150,6 +153,68 @@ def test_sources_errors_name_the_input_and_the_fix(tmp_path: Path, monkeypatch, 
     _write(tmp_path / "empty/a.txt", "")
     with pytest.raises(ValueError, match=r"hold no non-empty document"):
         list(iter_documents(["empty"]))
+
+
+def test_document_names_do_not_depend_on_where_the_inputs_lie(tmp_path: Path, monkeypatch) -> None:
+    for place in ("here", "mnt/elsewhere"):
+        _write(tmp_path / place / "corpus/a.txt", "a")
+        _write(tmp_path / place / "corpus/sub/b.jsonl", '{"text": "b"}\n')
+    expected = {
+        "folder": (["corpus/a.txt", "corpus/sub/b.jsonl:1"], "corpus/", "corpus/<path below the folder>"),
+        "glob": (["corpus/sub/b.jsonl:1"], "corpus/**/*.jsonl", "corpus/<path below the folder>"),
+        "file": (["b.jsonl:1"], "b.jsonl", "b.jsonl:<line>"),
+    }
+    for place in ("here", "mnt/elsewhere"):
+        root = tmp_path / place / "corpus"
+        for kind, spelled in (
+            ("folder", str(root)),
+            ("folder", f"{root}/./"),
+            ("glob", f"{root}/**/*.jsonl"),
+            ("file", str(root / "sub/b.jsonl")),
+        ):
+            (resolved,) = resolve_inputs([spelled])
+            names = _names(read_documents([resolved]))
+            assert (names, resolved.key, resolved.names) == expected[kind], (place, spelled)
+    # Relative spellings and a glob from the current folder name like the folder and file inputs do.
+    monkeypatch.chdir(tmp_path / "here" / "corpus")
+    assert _names(iter_documents(["."])) == expected["folder"][0]
+    assert _names(iter_documents(["../corpus/sub/../"])) == expected["folder"][0]
+    assert _names(iter_documents(["*.txt", "sub/*"])) == ["a.txt", "sub/b.jsonl:1"]
+
+
+def test_links_within_an_input_are_read_once_and_across_inputs_refused(tmp_path: Path, caplog) -> None:
+    """A mirror-like folder: a versioned file and a symlink to it (as /usr/share/common-licenses has), a hard
+    link, a symlinked folder whose target lies outside the input, a link cycle and a broken link."""
+    root = tmp_path / "licenses"
+    _write(root / "GPL-3", "gpl three")
+    (root / "GPL").symlink_to("GPL-3")
+    _write(root / "docs/guide.txt", "guide")
+    os.link(root / "docs/guide.txt", root / "docs/guide-copy.txt")
+    _write(tmp_path / "outside/extra.txt", "extra")
+    (root / "extra").symlink_to(tmp_path / "outside")
+    (root / "docs/loop").symlink_to("..")  # a cycle back to the input's root
+    (root / "broken.txt").symlink_to("nowhere")
+    with caplog.at_level(logging.INFO, logger="data_pipelines.sources"):
+        docs = list(iter_documents([str(root)]))
+    assert [(d.name, d.text) for d in docs] == [
+        ("licenses/GPL-3", "gpl three"),  # the name without a symlink on the way is kept
+        ("licenses/docs/guide-copy.txt", "guide"),  # hard links: the first name in order
+        ("licenses/extra/extra.txt", "extra"),  # reached only through a symlinked folder: followed
+    ]
+    info = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert len(info) == 1 and "each file is read once" in info[0], info
+    for twice, kept in (("GPL", "GPL-3"), ("docs/guide.txt", "docs/guide-copy.txt")):
+        assert f"{root / twice} (read as {root / kept})" in info[0]
+    assert "not readable files (broken symlinks" in caplog.text and str(root / "broken.txt") in caplog.text
+    # The same files through a glob that also walks the cycle: the same documents.
+    assert _names(iter_documents([f"{root}/**/*"])) == _names(docs)
+    # One file reached by two inputs stays an error that names both inputs and both spellings.
+    with pytest.raises(ValueError) as err:
+        iter_documents([str(root), str(tmp_path / "outside")])
+    assert str(err.value) == (
+        f"'{root / 'extra/extra.txt'}' (input '{root}') and '{tmp_path / 'outside/extra.txt'}' (input "
+        f"'{tmp_path / 'outside'}') are the same file: pass every file once"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -209,9 +274,11 @@ def test_shards_format_contents_and_split(reference: Path, corpus: Path, tok_dir
         "seq_len": SEQ_LEN,
         "sample_tokens": SEQ_LEN + 1,
         "dtype": "uint16",
-        "inputs": [str(corpus)],
+        "inputs": [f"{corpus.name}/"],  # the folder's own name: where it lies does not matter (below)
         "heldout_fraction": HELDOUT,
     }
+    assert manifest["document_names"] == [f"{corpus.name}/<path below the folder>"]
+    assert manifest["heldout_rule"] == HELDOUT_RULE
     assert manifest["tokenizer"] == {
         "dir": "tokenizer",
         "sha256": card["sha256"],
@@ -295,6 +362,37 @@ def test_resume_after_interruptions_is_byte_identical(
         assert _tree(out) == _tree(reference)
         assert kept and [f.stat().st_ino for f in kept] == inodes  # finished shards were kept, not rewritten
         assert len(tokenised) == to_tokenise
+
+
+def test_shards_are_the_same_wherever_the_corpus_lies_and_survive_a_move(
+    reference: Path, corpus: Path, tok_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """The corpus copied to two other absolute places gives the reference build byte for byte (manifest,
+    splits, shards and checksums); a build interrupted at one place resumes from another after a move."""
+    elsewhere = tmp_path / "mnt" / "other-disk" / corpus.name
+    shutil.copytree(corpus, elsewhere)
+    _shards(elsewhere, tok_dir, tmp_path / "copy")
+    assert _tree(tmp_path / "copy") == _tree(reference)
+
+    moving = tmp_path / "before" / corpus.name
+    shutil.copytree(corpus, moving)
+    manifest = json.loads((reference / "manifest.json").read_text())
+    add, calls = shards_module._SplitWriter._add, iter(range(manifest["splits"]["valid"]["sequences"] + 7))
+
+    def interrupted_add(self, sample):
+        if next(calls, None) is None:
+            raise KeyboardInterrupt
+        add(self, sample)
+
+    monkeypatch.setattr(shards_module._SplitWriter, "_add", interrupted_add)
+    with pytest.raises(KeyboardInterrupt):
+        _shards(moving, tok_dir, tmp_path / "moved")
+    monkeypatch.setattr(shards_module._SplitWriter, "_add", add)
+    assert json.loads((tmp_path / "moved/.build/progress.json").read_text())["splits"]["valid"]["done"]
+    (tmp_path / "after").mkdir()
+    moved = shutil.move(moving, tmp_path / "after")  # into after/, under its own name
+    assert _shards(Path(moved), tok_dir, tmp_path / "moved") == manifest
+    assert _tree(tmp_path / "moved") == _tree(reference)
 
 
 def test_resume_rebuilds_from_a_corrupted_shard(

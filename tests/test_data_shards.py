@@ -24,6 +24,7 @@ from cpmtp_dist.data.shards import (
     ShardSet,
     _SourceState,
     _SourceStream,
+    epoch_pieces,
     parse_data_path,
     valid_batches,
 )
@@ -196,6 +197,10 @@ def test_checksum_mismatch_stops_or_is_skipped_and_counted(tmp_path, caplog):
     corrupt(tmp_path / "d" / "train" / "shard-000000.tar")
     with pytest.raises(ShardError, match="shard-000000.tar: sha256 .* differs from the manifest"):
         loader([data], num_workers=0).next_batch()
+    # Met in a loader worker process: the same message, without the worker's traceback.
+    with pytest.raises(ShardError, match="shard-000000.tar: sha256 .* differs from the manifest") as err:
+        take(loader([data], num_workers=2), 2)
+    assert "Traceback" not in str(err.value)
     skipping = loader([data], num_workers=0, skip_corrupt_shards=True, shuffle_buffer=1)
     with caplog.at_level(logging.WARNING):
         got = take(skipping, 3)
@@ -223,7 +228,41 @@ def test_tokenizer_mismatch_and_bad_blend_spec(data):
         parse_data_path("0 /x 1 /y")
 
 
-def test_too_few_shards_for_the_readers(tmp_path):
-    data = write_dataset(tmp_path / "d", shards=3, per_shard=3)
-    with pytest.raises(ShardError, match="3 train shards for 4 readers"):
-        loader([data], dp_size=2, num_workers=2).next_batch()
+def test_fewer_shards_than_readers_share_shards_by_sample_ranges(tmp_path):
+    # 3 shards of 5 samples for dp 2 x 2 workers = 4 readers: every shard is cut into 2 ranges (6 units).
+    data = write_dataset(tmp_path / "d", shards=3, per_shard=5)
+    assert epoch_pieces(data.splits["train"], 4, "d") == [
+        (0, 0, 2), (0, 2, 5), (1, 0, 2), (1, 2, 5), (2, 0, 2), (2, 2, 5)
+    ]  # fmt: skip
+    assert epoch_pieces(data.splits["train"], 3, "d") == [(0, 0, 5), (1, 0, 5), (2, 0, 5)]  # whole shards
+    for epoch in (0, 1):
+        seen = []
+        for g in range(4):
+            stream = _SourceStream(
+                data.splits["train"], dtype=data.dtype, sample_tokens=L + 1, seed=0, worker=g, workers=4,
+                buffer=3, verify=True, skip_corrupt=False, name="d",
+            )  # fmt: skip
+            seen.append([int(s[0]) for s in stream._epoch_samples(epoch, _SourceState())])
+        assert sorted(x for part in seen for x in part) == list(range(15)) and all(seen), (epoch, seen)
+    # One shard of 9 samples for 4 readers (a first run on a small corpus): ranges of 2, 2, 2 and 3.
+    one = write_dataset(tmp_path / "one", shards=1, per_shard=9)
+    assert epoch_pieces(one.splits["train"], 4, "one") == [(0, 0, 2), (0, 2, 4), (0, 4, 6), (0, 6, 9)]
+    # Through real DataLoaders (2 worker processes per rank): the ranks' epochs are disjoint, and resume exact.
+    # Every reader's range holds at least 2 samples: each rank's first 4 batches come from its own ranges.
+    got = {r: take(loader([one], dp_rank=r, dp_size=2, micro_batch_size=1), 4) for r in (0, 1)}
+    assert len(set(got[0])) == len(set(got[1])) == 4 and not set(got[0]) & set(got[1]), got
+    total = 14
+    ref = take(loader([one], micro_batch_size=1), total)
+    for k in (3, 10):
+        first = loader([one], micro_batch_size=1)
+        head = [first.next_batch() for _ in range(k)]
+        resumed = loader([one], micro_batch_size=1)
+        resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+        assert ids(head) + ids([resumed.next_batch() for _ in range(total - k)]) == ref, k
+
+
+def test_too_few_samples_for_the_readers_is_refused_when_the_loader_is_built(tmp_path):
+    data = write_dataset(tmp_path / "d", shards=1, per_shard=3)
+    with pytest.raises(ShardError, match=r"3 training samples for 4 readers .*lower data.num_workers") as err:
+        loader([data], dp_size=2, num_workers=2)
+    assert "\n" not in str(err.value)

@@ -11,6 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from cpmtp_dist.config_io import load_config
+from cpmtp_dist.data.shards import ShardError
+from cpmtp_dist.data.source import build_training_data
+from data_pipelines.shards import build_shards
+
 ROOT = Path(__file__).resolve().parents[1]
 SEQ = 32
 MODEL = [
@@ -42,10 +47,13 @@ def built(tmp_path_factory) -> dict[str, Path]:
                 "--out", str(root / "tok"))  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     out = {}
-    for name, source in (("code", code), ("prose", "builtin:stdlib-prose")):
+    # The prose shards keep the default --shard-size-mb: one train shard, fewer than the loader's 2 readers.
+    for name, source, size in (
+        ("code", code, ["--shard-size-mb", "0.05"]),
+        ("prose", "builtin:stdlib-prose", []),
+    ):
         res = cpmtp("data", "shards", "--input", source, "--tokenizer", str(root / "tok"), "--seq-len", str(SEQ),
-                    "--out", str(root / name), "--shard-size-mb", "0.05", "--heldout-fraction", "0.2",
-                    "--workers", "2")  # fmt: skip
+                    "--out", str(root / name), *size, "--heldout-fraction", "0.2", "--workers", "2")  # fmt: skip
         assert res.returncode == 0, res.stderr[-3000:]
         out[name] = root / name
     return out
@@ -53,6 +61,9 @@ def built(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.mark.slow
 def test_train_on_a_blend_of_shards(built, tmp_path):
+    """Also a dataset of one shard for two loader workers: they share it by sample ranges."""
+    prose = json.loads((built["prose"] / "manifest.json").read_text())
+    assert len(prose["splits"]["train"]["shards"]) == 1
     run = tmp_path / "run"
     blend = f"data.path=0.7 {built['code']} 0.3 {built['prose']}"
     res = cpmtp(
@@ -99,3 +110,31 @@ def test_data_that_does_not_fit_the_model_fails_before_training(built, tmp_path,
     assert res.returncode == 2, res.stderr[-3000:]
     assert message in res.stderr and "manifest.json" in res.stderr
     assert not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text()
+
+
+def test_a_layout_the_data_cannot_serve_is_refused_before_the_model_is_built(built, tmp_path):
+    """Fewer samples than readers (dp × data.num_workers): `build_training_data`, which `train()` calls before
+    it builds the model, refuses in one line (the CLI prints it as `error: ...`)."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.py").write_text("def double(x):\n    return 2 * x\n\n" * 8)
+    tok = built["code"] / "tokenizer"
+    manifest = build_shards(
+        [str(corpus)], tok, SEQ, tmp_path / "few", heldout_fraction=0.0, progress_bar=False
+    )
+    samples = manifest["splits"]["train"]["sequences"]
+    assert 2 < samples < 8
+    cfg = load_config(ROOT / "configs/tiny.yaml", [*MODEL, f"data.path={tmp_path / 'few'}"])
+    cfg.train.micro_batch_size = 1
+    for dp_size, workers in ((2, 4), (8, 0)):
+        cfg.data.num_workers, cfg.train.global_batch_size = workers, dp_size
+        with pytest.raises(ShardError) as err:
+            build_training_data(cfg, dp_rank=0, dp_size=dp_size)
+        assert str(err.value) == (
+            f"{tmp_path / 'few'}: {samples} training samples for 8 readers (data-parallel size × data.num_workers, "
+            "0 workers counting as 1): every reader needs a sample; lower data.num_workers, or add data"
+        )
+    # One reader per sample is served; the held-out split is empty, so training goes on without evaluation.
+    cfg.data.num_workers, cfg.train.global_batch_size = 0, samples
+    data = build_training_data(cfg, dp_rank=0, dp_size=samples)
+    assert data.valid == [] and "training goes on without held-out evaluation" in data.warning

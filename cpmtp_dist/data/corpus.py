@@ -27,6 +27,10 @@ EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
 
 _HASH_BUCKETS = 10_000
 """Resolution of the held-out fraction: a document is held out iff crc32(name) % 10000 < fraction * 10000."""
+HELDOUT_RULE = (
+    f"valid iff crc32(UTF-8 document name) % {_HASH_BUCKETS} < round(heldout_fraction * {_HASH_BUCKETS})"
+)
+""":func:`is_heldout` in words, as a shard manifest states it."""
 
 Split = Literal["train", "valid"]
 

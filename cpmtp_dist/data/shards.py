@@ -4,9 +4,10 @@ A prepared dataset is a folder with `manifest.json`, `tokenizer/`, and `train/`,
 samples are `.tokens.npy` arrays of `seq_len + 1` token ids (see `data_pipelines/shards.py`).
 
 Order. The loader of data-parallel rank r runs W workers (`data.num_workers`; 0 means one in-process
-worker); worker w is global worker g = r * W + w of G = dp * W. In epoch e the shards of a dataset are
-permuted by a generator seeded with (seed, e) and worker g reads shards g, g + G, g + 2G, ... of that
-order, through a shuffle buffer of `data.shuffle_buffer` samples whose generator is seeded with (seed, e, g);
+worker); worker w is global worker g = r * W + w of G = dp * W. An epoch of a dataset is dealt out in
+units (`epoch_pieces`): its shards, or, when it has fewer shards than G readers, contiguous sample ranges of
+its shards, so that every reader gets one. In epoch e the units are permuted by a generator seeded with
+(seed, e) and worker g reads units g, g + G, g + 2G, ... of that order, through a shuffle buffer of `data.shuffle_buffer` samples whose generator is seeded with (seed, e, g);
 at the end of its shards the worker empties the buffer and starts epoch e + 1. A blend of datasets picks
 the source of each sample from counter-based random numbers seeded with (seed, g). Every stream is a pure
 function of the seed, dp and W: TP and PP peers (same dp rank) read the same samples, and the order does not
@@ -174,9 +175,18 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def read_shard(info: ShardInfo, dtype: np.dtype, sample_tokens: int, *, verify: bool) -> Iterator[np.ndarray]:
-    """The samples of one shard, in order. Raises ShardError (naming the file) for a checksum that differs
-    from the manifest, an unreadable or truncated tar, a malformed sample, or a wrong sample count."""
+def read_shard(
+    info: ShardInfo,
+    dtype: np.dtype,
+    sample_tokens: int,
+    *,
+    verify: bool,
+    first: int = 0,
+    stop: int | None = None,
+) -> Iterator[np.ndarray]:
+    """The samples ``first .. stop - 1`` of one shard (default: all), in order. Raises ShardError (naming the
+    file) for a checksum that differs from the manifest, an unreadable or truncated tar, a malformed sample,
+    or (when read to its end) a wrong sample count."""
     if verify:
         digest = file_sha256(info.path)
         if digest != info.sha256:
@@ -186,8 +196,14 @@ def read_shard(info: ShardInfo, dtype: np.dtype, sample_tokens: int, *, verify: 
             )
     count = 0
     pipeline = wds.DataPipeline(wds.SimpleShardList([str(info.path)]), wds.tarfile_to_samples())
+    stop = info.sequences if stop is None else stop
     try:
         for sample in pipeline:
+            if count >= stop and stop < info.sequences:  # a range that ends before the shard does
+                return
+            if count < first:  # before the requested range: counted, not decoded
+                count += 1
+                continue
             raw = sample.get("tokens.npy")
             if raw is None:
                 raise ShardError(f"{info.path}: sample {sample.get('__key__')!r} has no tokens.npy entry")
@@ -217,6 +233,35 @@ def read_shard(info: ShardInfo, dtype: np.dtype, sample_tokens: int, *, verify: 
 # one worker's endless stream
 
 
+def epoch_pieces(shards: list[ShardInfo], readers: int, name: str) -> list[tuple[int, int, int]]:
+    """The units an epoch of ``shards`` is dealt out in to ``readers`` readers: ``(shard, first, stop)``.
+
+    Whole shards when there are at least as many shards as readers. Otherwise every shard is cut into ``k``
+    contiguous sample ranges of (nearly) equal size, the smallest ``k`` that gives every reader a range (a
+    shard of fewer than ``k`` samples gives one range per sample). Either way each sample of the split is in
+    exactly one unit. Raises ShardError when the split holds fewer samples than there are readers.
+    """
+    if len(shards) >= readers:
+        return [(i, 0, info.sequences) for i, info in enumerate(shards)]
+    total = sum(info.sequences for info in shards)
+    if total < readers:
+        raise ShardError(
+            f"{name}: {total} training samples for {readers} readers (data-parallel size × data.num_workers, "
+            "0 workers counting as 1): every reader needs a sample; lower data.num_workers, or add data"
+        )
+    k = -(-readers // len(shards))
+    while sum(min(k, info.sequences) for info in shards) < readers:
+        k += 1
+    pieces = []
+    for i, info in enumerate(shards):
+        m = min(k, info.sequences)
+        if m == 0:
+            continue
+        bounds = [info.sequences * j // m for j in range(m + 1)]
+        pieces += [(i, bounds[j], bounds[j + 1]) for j in range(m)]
+    return pieces
+
+
 @dataclass
 class _SourceState:
     epoch: int = 0
@@ -241,23 +286,23 @@ class _SourceStream:
         skip_corrupt: bool,
         name: str,
     ) -> None:
-        if len(shards) < workers:
-            raise ShardError(
-                f"{name}: {len(shards)} train shards for {workers} readers (dp × data.num_workers): every reader "
-                "needs a shard; rebuild with a smaller --shard-size-mb or lower data.num_workers"
-            )
+        self.pieces = epoch_pieces(shards, workers, name)
         self.shards, self.dtype, self.sample_tokens = shards, dtype, sample_tokens
         self.seed, self.worker, self.workers, self.buffer = seed, worker, workers, max(1, buffer)
         self.verify, self.skip_corrupt, self.name = verify, skip_corrupt, name
 
     def _epoch_samples(self, epoch: int, state: _SourceState) -> Iterator[np.ndarray]:
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.pieces))
         rng = np.random.default_rng([self.seed, epoch, self.worker])
         buf: list[np.ndarray] = []
         for index in order[self.worker :: self.workers]:
-            info = self.shards[int(index)]
+            shard, first, stop = self.pieces[int(index)]
+            info = self.shards[shard]
             try:
-                for sample in read_shard(info, self.dtype, self.sample_tokens, verify=self.verify):
+                samples = read_shard(
+                    info, self.dtype, self.sample_tokens, verify=self.verify, first=first, stop=stop
+                )
+                for sample in samples:
                     if len(buf) < self.buffer:
                         buf.append(sample)
                         continue
@@ -330,6 +375,13 @@ class ShardStream(IterableDataset):
             chunk, offset = chunk + 1, 0
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        try:
+            yield from self._batches()
+        except ShardError as err:
+            # Handed to the training process as a message: a DataLoader would wrap it in the worker's traceback.
+            yield {"error": str(err)}
+
+    def _batches(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         w = ((info.id if info else 0) + self.rotation) % self.workers  # this reader's logical index
         g = self.dp_rank * self.workers + w
@@ -395,6 +447,8 @@ class ShardLoader:
         self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
         self.verify, self.skip_corrupt = verify_checksums, skip_corrupt_shards
         self.workers = max(1, num_workers)
+        for s in sets:  # a layout the data cannot serve fails here, before the model is built
+            epoch_pieces(s.splits["train"], self.workers * dp_size, str(s.root))
         self._states: list[dict[str, Any] | None] = [None] * self.workers
         self._batches = 0
         self._iter: Iterator[dict[str, Any]] | None = None
@@ -435,6 +489,8 @@ class ShardLoader:
         if self._iter is None:
             self._iter = self._start()
         item = next(self._iter)
+        if "error" in item:
+            raise ShardError(item["error"])
         self._states[item["worker"]] = item["state"]
         self._batches += 1
         return item["tokens"]
@@ -484,7 +540,8 @@ def valid_batches(
     verify: bool = True,
 ) -> list[torch.Tensor]:
     """A fixed list of held-out micro-batches: the first samples of the valid splits (datasets in the order
-    of data.path, shards in manifest order); rank k takes every dp-th batch starting at k."""
+    of data.path, shards in manifest order); rank k takes every dp-th batch starting at k. Empty when the
+    valid splits hold fewer than one micro-batch per rank (`valid_shortfall` says so in words)."""
     want = num_batches * micro_batch_size
     rows: list[np.ndarray] = []
     for s in sets:
@@ -498,11 +555,20 @@ def valid_batches(
     count = len(rows) // micro_batch_size
     count -= count % dp_size
     if count < dp_size:
-        raise ShardError(
-            f"the valid splits of {', '.join(str(s.root) for s in sets)} hold {len(rows)} samples, fewer than "
-            f"dp × micro-batch = {dp_size * micro_batch_size}: rebuild with a larger --heldout-fraction"
-        )
+        return []
     batches = torch.from_numpy(np.stack(rows[: count * micro_batch_size]).astype(np.int64)).split(
         micro_batch_size
     )
     return list(batches[dp_rank::dp_size])
+
+
+def valid_shortfall(sets: list[ShardSet], micro_batch_size: int, dp_size: int) -> str | None:
+    """Why `valid_batches` is empty, or None when it is not."""
+    samples = sum(info.sequences for s in sets for info in s.splits["valid"])
+    if samples >= micro_batch_size * dp_size:
+        return None
+    return (
+        f"the valid splits of {', '.join(str(s.root) for s in sets)} hold {samples} samples, fewer than one "
+        f"micro-batch per data-parallel rank ({dp_size} × {micro_batch_size}): training goes on without "
+        "held-out evaluation; rebuild the shards with a larger --heldout-fraction to evaluate"
+    )

@@ -21,7 +21,14 @@ import torch
 from cpmtp_dist.config import Config
 from cpmtp_dist.data.builtin import build_builtin_data
 from cpmtp_dist.data.loader import PackedSequenceLoader, eval_batches
-from cpmtp_dist.data.shards import ShardError, ShardLoader, ShardSet, parse_data_path, valid_batches
+from cpmtp_dist.data.shards import (
+    ShardError,
+    ShardLoader,
+    ShardSet,
+    parse_data_path,
+    valid_batches,
+    valid_shortfall,
+)
 from cpmtp_dist.data.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -31,7 +38,9 @@ class TrainingData:
     tokenizer_dir: Path
     loader: Any  # PackedSequenceLoader | ShardLoader
     valid: list[torch.Tensor]
+    """This rank's held-out micro-batches; empty when the data holds too few (`warning` says so)."""
     description: str
+    warning: str | None = None
 
 
 def build_training_data(cfg: Config, *, dp_rank: int, dp_size: int) -> TrainingData:
@@ -102,4 +111,5 @@ def build_training_data(cfg: Config, *, dp_rank: int, dp_size: int) -> TrainingD
     desc = (
         f"{' + '.join(str(s.root) for s in sets)}: {sequences * (seq_length + 1):,} training tokens in shards"
     )
-    return TrainingData(tokenizer, sets[0].tokenizer_dir, loader, valid, desc)
+    warning = valid_shortfall(sets, t.micro_batch_size, dp_size)
+    return TrainingData(tokenizer, sets[0].tokenizer_dir, loader, valid, desc, warning)

@@ -455,6 +455,8 @@ def train(
         )
         if finetune_note is not None:
             print(f"finetune: {finetune_note}", flush=True)
+        if data.warning is not None:
+            print(f"warning: {data.warning}", flush=True)
 
     def checkpoint(step: int) -> Path:
         tic = time.perf_counter()
@@ -529,7 +531,7 @@ def train(
                     metrics["max_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
                 logger.log(step, metrics)
                 tic = time.perf_counter()
-            if t.eval_every and step % t.eval_every == 0 and step != t.steps:
+            if t.eval_every and step % t.eval_every == 0 and step != t.steps and valid:
                 logger.log(step, evaluate(engine, valid, cfg, groups))
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
                 last_ckpt = checkpoint(step)
@@ -544,8 +546,9 @@ def train(
                     print(f"preempted: checkpoint {last_ckpt} saved after step {step}", flush=True)
                 logger.close(status="KILLED")
                 return TrainResult(run_dir, step, metrics, {}, last_ckpt, preempted=True)
-    eval_metrics = evaluate(engine, valid, cfg, groups)
-    logger.log(t.steps, eval_metrics)
+    if valid:
+        eval_metrics = evaluate(engine, valid, cfg, groups)
+        logger.log(t.steps, eval_metrics)
     if last_ckpt is None or not last_ckpt.name.endswith(f"{t.steps:07d}"):
         last_ckpt = checkpoint(t.steps)
     if saves is not None:
