@@ -8,7 +8,9 @@ Output folder (format ``cpmtp_dist.shards/v1``)::
     OUT/train/shard-000000.tar ...    training split
 
 Every document is tokenised, EOS appended, and routed to ``valid`` when ``corpus.is_heldout(name, fraction)``,
-else to ``train``. Each split is one stream: its documents' tokens concatenated in reading order and cut into
+else to ``train``; document names do not depend on where the inputs lie (:mod:`data_pipelines.sources`), and
+the manifest and the progress record name the inputs by their location-independent keys, so the same corpus
+at another path gives the same bytes, and a build can resume after its inputs moved. Each split is one stream: its documents' tokens concatenated in reading order and cut into
 consecutive, non-overlapping samples of exactly ``seq_len + 1`` tokens (inputs and shifted targets of one
 training sequence); the remainder shorter than a sample at the end of a split is dropped and counted as
 ``dropped_tokens``. Sample ``i`` of a split has the key ``f"{i:09d}"`` and one entry ``<key>.tokens.npy``, the
@@ -81,6 +83,7 @@ class ShardSettings:
     """Everything that decides the bytes of a build (worker count does not, so it is not here)."""
 
     inputs: tuple[str, ...]
+    """The inputs' location-independent keys (``ResolvedInput.key``), not their paths."""
     seq_len: int
     dtype: str
     shard_bytes: int

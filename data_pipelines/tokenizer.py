@@ -2,7 +2,8 @@
 
 The training itself is :func:`cpmtp_dist.data.tokenizer.train_sentencepiece` (lossless, byte fallback, the same
 setup the built-in corpus uses); this module feeds it documents from :mod:`data_pipelines.sources` and records
-the inputs in the card, so that a tokenizer folder says what it was trained on.
+the inputs in the card by their location-independent keys (``corpus/``, ``data/**/*.txt``), so that a tokenizer
+folder says what it was trained on, and the same corpus gives the same card wherever it lies.
 
 The tokenizer is trained on every document of the inputs, held-out ones included: it only decides how text is
 cut into pieces, and a vocabulary that has seen the validation text does not leak its content.
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cpmtp_dist.data.tokenizer import CARD_FILE, SentencePieceTokenizer, atomic_write, train_sentencepiece
-from data_pipelines.sources import iter_documents
+from data_pipelines.sources import read_documents, resolve_inputs
 
 MODEL_TYPES = ("bpe", "unigram")
 
@@ -42,7 +43,7 @@ def build_tokenizer(
     """Train on the documents of ``inputs``; write ``out_dir/tokenizer.model`` and ``tokenizer.json``.
 
     The card is the one ``train_sentencepiece`` writes (vocab size, special ids, sha256 of the model, sampling
-    settings) plus ``inputs`` and ``documents``. The same inputs, settings and seed give a byte-identical model.
+    settings) plus ``inputs`` (their keys) and ``documents``. The same inputs, settings and seed give a byte-identical model.
     """
     problems = []
     if model_type not in MODEL_TYPES:
@@ -54,11 +55,12 @@ def build_tokenizer(
         problems.append(f"max lines must be >= 1, got {max_lines}")
     if problems:
         raise ValueError("; ".join(problems))
+    resolved = resolve_inputs(inputs)  # a mistyped input fails before training starts
     count = 0
 
     def texts() -> Iterator[str]:
         nonlocal count
-        for doc in iter_documents(inputs, jsonl_field=jsonl_field):
+        for doc in read_documents(resolved, jsonl_field=jsonl_field):
             count += 1
             yield doc.text
 
@@ -74,6 +76,6 @@ def build_tokenizer(
         ) from None
     card_path = out_dir / CARD_FILE
     card = json.loads(card_path.read_text())
-    card.update(inputs=list(inputs), documents=count)
+    card.update(inputs=[res.key for res in resolved], documents=count)
     atomic_write(card_path, (json.dumps(card, indent=2) + "\n").encode())
     return TokenizerResult(tokenizer=tok, out_dir=out_dir, documents=count)

@@ -271,8 +271,11 @@ def _bench_decode(args: argparse.Namespace) -> int:
 
 
 def _data_tokenizer(args: argparse.Namespace) -> int:
+    import logging
+
     from data_pipelines.tokenizer import build_tokenizer
 
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     try:
         result = build_tokenizer(
             args.input,
@@ -326,6 +329,8 @@ def _data_shards(args: argparse.Namespace) -> int:
             f"{split}: {s['sequences']} samples of {manifest['sample_tokens']} tokens in {len(s['shards'])} shards "
             f"from {s['documents']} documents ({s['dropped_tokens']} tail tokens dropped)"
         )
+    for key, names in zip(manifest["inputs"], manifest.get("document_names", []), strict=False):
+        print(f"input {key}: documents named {names}")
     print(f"done: {Path(args.out) / 'manifest.json'}")
     return 0
 

@@ -14,7 +14,9 @@ import pytest
 from cpmtp_dist.config_io import load_config
 from cpmtp_dist.data.shards import ShardError
 from cpmtp_dist.data.source import build_training_data
+from cpmtp_dist.training.trainer import train
 from data_pipelines.shards import build_shards
+from runs import metrics_by_step
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ = 32
@@ -138,3 +140,11 @@ def test_a_layout_the_data_cannot_serve_is_refused_before_the_model_is_built(bui
     cfg.data.num_workers, cfg.train.global_batch_size = 0, samples
     data = build_training_data(cfg, dp_rank=0, dp_size=samples)
     assert data.valid == [] and "training goes on without held-out evaluation" in data.warning
+    cfg = load_config(ROOT / "configs/tiny.yaml", [*MODEL, f"data.path={tmp_path / 'few'}", "train.steps=2",
+                      "train.eval_every=1", "train.global_batch_size=2", "train.micro_batch_size=1",
+                      "tracking.enabled=false"])  # fmt: skip
+    result = train(cfg, tmp_path / "run")
+    assert result.final_step == 2 and result.eval_metrics == {} and result.checkpoint.is_dir()
+    assert [
+        sorted(r) for r in metrics_by_step(tmp_path / "run").values() if any("eval" in k for k in r)
+    ] == []
