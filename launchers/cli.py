@@ -182,7 +182,7 @@ def _heldout(args: argparse.Namespace, loaded, num_batches: int):
             loaded.checkpoint / "config.yaml", loaded.tokenizer.fingerprint, args.data, num_batches
         )
     except (ShardError, ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"cpmtp: --data {args.data}: {e}") from None
+        raise SystemExit(f"cpmtp: {f'--data {args.data}: ' if args.data else ''}{e}") from None
 
 
 def _write_json(path: str, obj: dict) -> Path:

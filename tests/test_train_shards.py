@@ -14,6 +14,7 @@ import pytest
 from cpmtp_dist.config_io import load_config
 from cpmtp_dist.data.shards import ShardError
 from cpmtp_dist.data.source import build_training_data
+from cpmtp_dist.inference.evaluation import heldout_batches
 from cpmtp_dist.training.trainer import train
 from data_pipelines.shards import build_shards
 from runs import metrics_by_step
@@ -139,7 +140,10 @@ def test_a_layout_the_data_cannot_serve_is_refused_before_the_model_is_built(bui
     # One reader per sample is served; the held-out split is empty, so training goes on without evaluation.
     cfg.data.num_workers, cfg.train.global_batch_size = 0, samples
     data = build_training_data(cfg, dp_rank=0, dp_size=samples)
-    assert data.valid == [] and "training goes on without held-out evaluation" in data.warning
+    assert data.valid == [] and data.shortfall == (
+        f"the valid splits of {tmp_path / 'few'} hold 0 samples, fewer than one micro-batch per data-parallel "
+        f"rank ({samples} × 1)"
+    )
     cfg = load_config(ROOT / "configs/tiny.yaml", [*MODEL, f"data.path={tmp_path / 'few'}", "train.steps=2",
                       "train.eval_every=1", "train.global_batch_size=2", "train.micro_batch_size=1",
                       "tracking.enabled=false"])  # fmt: skip
@@ -148,3 +152,8 @@ def test_a_layout_the_data_cannot_serve_is_refused_before_the_model_is_built(bui
     assert [
         sorted(r) for r in metrics_by_step(tmp_path / "run").values() if any("eval" in k for k in r)
     ] == []
+    # `cpmtp eval` of that checkpoint has nothing to evaluate by default, and says what to pass.
+    with pytest.raises(
+        ValueError, match=r"no held-out micro-batch to evaluate: the valid splits .* pass --data"
+    ):
+        heldout_batches(result.checkpoint / "config.yaml", data.tokenizer.fingerprint, None, 2)

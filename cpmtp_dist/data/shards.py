@@ -569,6 +569,5 @@ def valid_shortfall(sets: list[ShardSet], micro_batch_size: int, dp_size: int) -
         return None
     return (
         f"the valid splits of {', '.join(str(s.root) for s in sets)} hold {samples} samples, fewer than one "
-        f"micro-batch per data-parallel rank ({dp_size} × {micro_batch_size}): training goes on without "
-        "held-out evaluation; rebuild the shards with a larger --heldout-fraction to evaluate"
+        f"micro-batch per data-parallel rank ({dp_size} × {micro_batch_size})"
     )

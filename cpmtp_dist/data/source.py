@@ -38,9 +38,10 @@ class TrainingData:
     tokenizer_dir: Path
     loader: Any  # PackedSequenceLoader | ShardLoader
     valid: list[torch.Tensor]
-    """This rank's held-out micro-batches; empty when the data holds too few (`warning` says so)."""
+    """This rank's held-out micro-batches; empty when the data holds too few (`shortfall` says so)."""
     description: str
-    warning: str | None = None
+    shortfall: str | None = None
+    """Why `valid` is empty, or None."""
 
 
 def build_training_data(cfg: Config, *, dp_rank: int, dp_size: int) -> TrainingData:
@@ -111,5 +112,5 @@ def build_training_data(cfg: Config, *, dp_rank: int, dp_size: int) -> TrainingD
     desc = (
         f"{' + '.join(str(s.root) for s in sets)}: {sequences * (seq_length + 1):,} training tokens in shards"
     )
-    warning = valid_shortfall(sets, t.micro_batch_size, dp_size)
-    return TrainingData(tokenizer, sets[0].tokenizer_dir, loader, valid, desc, warning)
+    shortfall = valid_shortfall(sets, t.micro_batch_size, dp_size)
+    return TrainingData(tokenizer, sets[0].tokenizer_dir, loader, valid, desc, shortfall)

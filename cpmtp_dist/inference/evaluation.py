@@ -146,4 +146,9 @@ def heldout_batches(
             f"{data or cfg.data.corpus}: its tokenizer ({d.tokenizer_dir}) is not the one the checkpoint was "
             "trained with: evaluate on data tokenised with the checkpoint's tokenizer/"
         )
+    if not d.valid:
+        raise ValueError(
+            f"no held-out micro-batch to evaluate: {d.shortfall}; pass --data with shards that hold a "
+            "held-out split"
+        )
     return d.valid

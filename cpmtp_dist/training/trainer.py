@@ -455,8 +455,12 @@ def train(
         )
         if finetune_note is not None:
             print(f"finetune: {finetune_note}", flush=True)
-        if data.warning is not None:
-            print(f"warning: {data.warning}", flush=True)
+        if data.shortfall is not None:
+            print(
+                f"warning: {data.shortfall}: training goes on without held-out evaluation; rebuild the shards "
+                "with a larger --heldout-fraction to evaluate",
+                flush=True,
+            )
 
     def checkpoint(step: int) -> Path:
         tic = time.perf_counter()
