@@ -7,8 +7,9 @@ Order. The loader of data-parallel rank r runs W workers (`data.num_workers`; 0 
 worker); worker w is global worker g = r * W + w of G = dp * W. An epoch of a dataset is dealt out in
 units (`epoch_pieces`): its shards, or, when it has fewer shards than G readers, contiguous sample ranges of
 its shards, so that every reader gets one. In epoch e the units are permuted by a generator seeded with
-(seed, e) and worker g reads units g, g + G, g + 2G, ... of that order, through a shuffle buffer of `data.shuffle_buffer` samples whose generator is seeded with (seed, e, g);
-at the end of its shards the worker empties the buffer and starts epoch e + 1. A blend of datasets picks
+(seed, e) and worker g reads units g, g + G, g + 2G, ... of that order, through a shuffle buffer of
+`data.shuffle_buffer` samples whose generator is seeded with (seed, e, g); at the end of its units the
+worker empties the buffer and starts epoch e + 1. A blend of datasets picks
 the source of each sample from counter-based random numbers seeded with (seed, g). Every stream is a pure
 function of the seed, dp and W: TP and PP peers (same dp rank) read the same samples, and the order does not
 depend on timing.
@@ -501,7 +502,8 @@ class ShardLoader:
 
     @property
     def skipped_shards(self) -> int:
-        """Corrupt shards skipped so far (data.skip_corrupt_shards)."""
+        """Corrupt shards skipped so far (data.skip_corrupt_shards); a shard shared by several readers (sample
+        ranges) counts once for each reader that met it."""
         return sum(src["skipped"] for s in self._states if s for src in s["sources"])
 
     def state_dict(self) -> dict[str, Any]:
