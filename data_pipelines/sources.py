@@ -227,7 +227,13 @@ def _match(base: Path, pattern: list[str], inp: str) -> list[tuple[str, Path]]:
         if key in entered:
             continue
         entered.add(key)
-        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as err:
+            raise ValueError(
+                f"input {inp!r}: cannot list {folder} ({err.strerror}): fix or leave it out"
+            ) from None
+        for entry in entries:
             rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
             link = via_link or entry.is_symlink()
             is_dir = entry.is_dir()
