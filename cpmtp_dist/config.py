@@ -38,7 +38,7 @@ class TrunkConfig:
 
 @dataclass
 class CPHeadConfig:
-    """The rank-r CP multi-token head (SPEC.md)."""
+    """The rank-r CP multi-token head (docs/MODEL.md)."""
 
     horizon: int = 4
     """n: how many future tokens are predicted (n >= 1)."""

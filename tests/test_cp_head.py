@@ -1,4 +1,4 @@
-"""The CP head against brute-force enumeration of all V^n continuations (SPEC.md).
+"""The CP head against brute-force enumeration of all V^n continuations (docs/MODEL.md).
 
 The reference here is written independently of `cp_loss.py` and `drafting.py`: it computes factor
 probabilities by hand from the head's parameters and sums explicit products over every tuple.
@@ -35,7 +35,7 @@ def make_head(v: int, n: int, r: int, kind: tuple[str, str], seed: int = 0, dtyp
 
 @torch.no_grad()
 def ref_factors(head: CPHead, h: torch.Tensor, unembed: torch.Tensor):
-    """w (N, r) and P (N, r, n, V) computed by hand from the parameters (SPEC.md formulas)."""
+    """w (N, r) and P (N, r, n, V) computed by hand from the parameters (docs/MODEL.md formulas)."""
     w = torch.softmax(h @ head.gate.weight.t() + head.gate.bias, dim=-1)
     probs = torch.empty(h.shape[0], head.rank, head.horizon, head.vocab_size, dtype=h.dtype)
     for a in range(head.rank):

@@ -1,5 +1,5 @@
 """Decoding with the KV cache: rollback, greedy speculative = greedy autoregressive, and speculative
-sampling has the distribution of plain sampling (SPEC.md, "Self-speculative decoding").
+sampling has the distribution of plain sampling (docs/MODEL.md, "Self-speculative decoding").
 
 References are independent of the decoder: a full forward over the whole context without any cache, and
 the exact sampling distribution enumerated from the model's next-token distributions.

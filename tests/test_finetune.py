@@ -49,7 +49,7 @@ class HandTeacher:
 
 
 def factors(head, h: torch.Tensor, unembed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w (R,) and P (R, N, V) at one position h (D,), by hand from the parameters (SPEC.md); differentiable."""
+    """w (R,) and P (R, N, V) at one position h (D,), by hand from the parameters (docs/MODEL.md); differentiable."""
     w = torch.softmax(head.gate.weight @ h + head.gate.bias, dim=-1)
     rows = []
     for a, s in itertools.product(range(R), range(N)):
@@ -64,7 +64,7 @@ def factors(head, h: torch.Tensor, unembed: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def reference_kl_sum(head, h, targets, unembed, teacher) -> torch.Tensor:
-    """sum of KL(p_s || q_s) by enumerating the joint over all V^N tuples (SPEC.md), conditioning it on the
+    """sum of KL(p_s || q_s) by enumerating the joint over all V^N tuples (docs/MODEL.md), conditioning it on the
     data prefix (summing out masked labels) and marginalising the later tokens; differentiable."""
     total = torch.zeros((), dtype=torch.float64)
     for b, t in itertools.product(range(B), range(T)):

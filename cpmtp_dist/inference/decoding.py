@@ -1,4 +1,4 @@
-"""Decoding one sequence with a KV cache: plain autoregressive, or self-speculative (SPEC.md).
+"""Decoding one sequence with a KV cache: plain autoregressive, or self-speculative (docs/MODEL.md).
 
 Both modes run the same loop. Each step has a *first* token (from the model's own next-token
 distribution at the last accepted position, or the correction of the previous step's rejection) and,

@@ -1,7 +1,7 @@
 """`cpmtp eval`: a checkpoint's held-out losses and its decoding speed-up, in one JSON.
 
-Held-out statistics (the trainer's own, over the held-out micro-batches): joint loss (SPEC.md's L_t per
-position with a target), next-token loss and perplexity, loss and accuracy of each head position's
+Held-out statistics (the trainer's own, over the held-out micro-batches): joint loss (the L_t of
+docs/MODEL.md per position with a target), next-token loss and perplexity, loss and accuracy of each head position's
 marginal, expert usage (mean responsibility of each component) and mean gate weight.
 
 Decoding statistics: self-speculative decoding of prompts cut from held-out samples (their first half),

@@ -1,4 +1,4 @@
-"""The rank-r CP multi-token head: parameters and per-component factor logits (SPEC.md).
+"""The rank-r CP multi-token head: parameters and per-component factor logits (docs/MODEL.md).
 
     P(x_{t+1..t+n} | h_t) = sum_a w_a(h_t) * prod_s P_a^(s)(x_{t+s} | h_t)
 

@@ -1,4 +1,5 @@
-"""Exact CP multi-token losses (SPEC.md, "Training loss" and "Exact loss without materialising").
+"""Exact CP multi-token losses (docs/MODEL.md, "Training loss" and "Exact loss without materialising r·n·V
+logits").
 
 Per position t with component log-joints
 
@@ -41,7 +42,7 @@ class CPLossOutput:
     """Loss value and detached statistics of one batch of positions.
 
     `loss_sum` is the only differentiable field: the *sum* of L_t over positions that have at least
-    one target. The caller divides by the global count of such positions (SPEC.md).
+    one target. The caller divides by the global count of such positions (docs/MODEL.md).
     """
 
     loss_sum: Tensor  # () fp32, differentiable

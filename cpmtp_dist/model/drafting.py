@@ -1,4 +1,4 @@
-"""Next-token marginal and n-token drafting from the CP head (SPEC.md, "Drafting n tokens").
+"""Next-token marginal and n-token drafting from the CP head (docs/MODEL.md, "Drafting n tokens").
 
 The next-token distribution is the exact marginal of the joint:
     P(x_{t+1}) = sum_a w_a P_a^(1)(x_{t+1}).

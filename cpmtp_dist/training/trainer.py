@@ -1,8 +1,8 @@
 """The trainer: `train()` -> `train_step()` -> `forward_backward()`.
 
-Note: loss normalisation. SPEC.md asks for the sum of L_t divided by the *global* number of positions
-that have at least one target, over all micro-batches and data-parallel ranks, so that accumulation
-and data parallelism give the gradient of one big batch. `train_step` therefore counts those positions
+Note: loss normalisation. docs/MODEL.md ("Training loss") asks for the sum of L_t divided by the *global*
+number of positions that have at least one target, over all micro-batches and data-parallel ranks, so that
+accumulation and data parallelism give the gradient of one big batch. `train_step` therefore counts those positions
 for the whole step first (one all-reduce over dp), and each micro-batch back-propagates
 `loss_sum * dp / count`: DeepSpeed averages gradients over dp ranks, which the factor dp undoes.
 The auxiliary balancing loss is a per-micro-batch statistic and is averaged over micro-batches.
