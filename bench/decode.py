@@ -66,7 +66,8 @@ def markdown(result: dict, command: str) -> str:
     return (
         f"Command: `{command}`. Model: `{result['checkpoint']}` ({result['model']}); {b['prompts']} held-out prompts of half a sequence, {b['max_new_tokens']} new tokens each, "
         f"batch 1, KV cache in both modes, median of {b['repeats']} alternating runs per prompt and mode, "
-        f"{b['machine']['torch_threads']} torch threads ({b['machine']['cpu']}).\n\n"
+        f"{b['machine']['torch_threads']} torch threads ({b['machine']['cpu']}), on {b.get('device', 'cpu')} in "
+        f"{b.get('dtype', 'float32')}.\n\n"
         "| decoding | autoregressive tokens/s | speculative tokens/s | tokens per forward | acceptance s=1..4 "
         "| speed-up | speed-up / tokens per forward |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n"
         + verdict + "\n"
@@ -84,6 +85,9 @@ def main() -> int:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="2 prompts, 16 tokens, 1 repeat (smoke test)")
+    p.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default="auto", help="as `cpmtp bench decode`"
+    )
     args = p.parse_args()
     if args.quick:
         args.prompts, args.max_new_tokens, args.repeats = 2, 16, 1
@@ -94,7 +98,7 @@ def main() -> int:
         print(f"no checkpoint in {ckpt}: training configs/tiny.yaml into {run}", flush=True)
         cpmtp("train", "--config", "configs/tiny.yaml", "--run-dir", str(run))
     common = ["bench", "decode", "--checkpoint", str(ckpt), "--prompts", str(args.prompts),
-              "--max-new-tokens", str(args.max_new_tokens), "--repeats", str(args.repeats), "--tracking-uri", "none"]  # fmt: skip
+              "--max-new-tokens", str(args.max_new_tokens), "--repeats", str(args.repeats), "--tracking-uri", "none", "--device", args.device]  # fmt: skip
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, extra in (("greedy", ["--greedy"]), ("sampling, T = 1", ["--temperature", "1.0"])):

@@ -137,11 +137,11 @@ def _sampling(args: argparse.Namespace):
         raise SystemExit(f"cpmtp: {e}") from None
 
 
-def _load(checkpoint: str):
-    from cpmtp_dist.inference.generate import load_for_inference
+def _load(args: argparse.Namespace):
+    from cpmtp_dist.inference.generate import load_for_inference, resolve_device
 
     try:
-        return load_for_inference(Path(checkpoint))
+        return load_for_inference(Path(args.checkpoint), resolve_device(args.device))
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"cpmtp: {e}") from None
 
@@ -151,7 +151,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     sampling = _sampling(args)
     prompt = Path(args.prompt_file).read_text() if args.prompt_file else args.prompt
-    loaded = _load(args.checkpoint)
+    loaded = _load(args)
     tok = loaded.tokenizer
     result = Decoder(loaded.model).generate(
         tok.encode(prompt),
@@ -218,7 +218,7 @@ def _log_summary(args: argparse.Namespace, loaded, name: str, metrics: dict, out
 def _eval(args: argparse.Namespace) -> int:
     from cpmtp_dist.inference.evaluation import evaluate_checkpoint, flat_metrics
 
-    loaded = _load(args.checkpoint)
+    loaded = _load(args)
     batches = _heldout(args, loaded, args.batches)
     result = evaluate_checkpoint(
         loaded.model,
@@ -245,7 +245,7 @@ def _bench_decode(args: argparse.Namespace) -> int:
     from cpmtp_dist.inference.evaluation import heldout_prompts
 
     sampling = _sampling(args)
-    loaded = _load(args.checkpoint)
+    loaded = _load(args)
     if args.prompt_file:
         prompts = [loaded.tokenizer.encode(Path(f).read_text()) for f in args.prompt_file]
     else:
@@ -430,6 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
         "itself would have produced (same output distribution; greedy: the same tokens)",
     )
     _sampling_args(g)
+    _device_args(g)
     g.set_defaults(fn=_generate)
 
     e = sub.add_parser("eval", help="held-out losses, accuracies, expert usage and decoding acceptance")
@@ -439,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batches", type=int, default=16, help="held-out micro-batches (default 16)")
     e.add_argument("--prompts", type=int, default=8, help="held-out prompts decoded speculatively (0: none)")
     e.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per prompt")
+    _device_args(e)
     _tracking_args(e)
     e.set_defaults(fn=_eval)
 
@@ -452,6 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--max-new-tokens", type=int, default=64)
     bd.add_argument("--repeats", type=int, default=3, help="timed runs per prompt and mode (median)")
     _sampling_args(bd)
+    _device_args(bd)
     _tracking_args(bd)
     bd.set_defaults(fn=_bench_decode)
 
@@ -487,6 +490,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="auto: CUDA when available, else the CPU (default); decodes in the training dtype there "
+        "(train.precision; auto: bf16 on GPUs)",
+    )
+
+
 def quiet_known_warnings() -> None:
     """megatron-core warns at import that optional GPU libraries (Apex, TransformerEngine) are absent and
     that arguments it will require later are missing; none of it is actionable by our users."""
@@ -501,6 +514,9 @@ def main(argv: list[str] | None = None) -> int:
     quiet_known_warnings()
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    if getattr(args, "device", None) == "cpu":
+        # Before torch looks for GPUs: Megatron places rotary tables and caches wherever CUDA is visible.
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     return args.fn(args)
 
 

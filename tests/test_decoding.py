@@ -14,9 +14,11 @@ import pytest
 import torch
 from scipy import stats
 
-from cpmtp_dist.config import CPHeadConfig, ModelConfig, TrunkConfig
+from cpmtp_dist.config import Config, CPHeadConfig, ModelConfig, TrunkConfig
 from cpmtp_dist.inference import sampling as sampling_mod
+from cpmtp_dist.inference.bench import bench_decode, first_difference
 from cpmtp_dist.inference.decoding import Decoder
+from cpmtp_dist.inference.generate import inference_dtype, resolve_device
 from cpmtp_dist.inference.kv_cache import KVCache
 from cpmtp_dist.inference.sampling import Sampling, accept_or_resample
 from cpmtp_dist.model.cp_model import CPModel
@@ -232,3 +234,53 @@ def test_speculative_sampling_has_the_distribution_of_plain_sampling(monkeypatch
     wrong = speculative_counts(model, prompt, 3, s, 600)
     assert chi_square_pvalue(wrong, probs, 600) < 1e-6
     assert sampling_mod.accept_or_resample is accept_or_resample  # only the decoder's reference was patched
+
+
+# ---------------------------------------------------------------------------------------- bench decode
+
+
+def test_bench_decode_fails_on_a_greedy_difference_in_fp32_and_reports_it_in_bf16():
+    fp32 = make_model(3, 2, sharpen=4.0, head_noise=0.3)
+    bf16 = CPModel(fp32.cfg, params_dtype=torch.bfloat16).eval()  # as `cpmtp bench decode` loads it on a GPU
+    bf16.load_state_dict(fp32.state_dict())
+    prompts = [[1, 2, 3], [4, 5, 6, 7]]
+    for model, dtype in ((fp32, "float32"), (bf16, "bfloat16")):
+        result = bench_decode(Decoder(model), prompts, 12, sampling=Sampling(), repeats=1)
+        assert (result["device"], result["dtype"]) == ("cpu", dtype)
+        assert len(result["greedy_first_divergence"]) == 2 and 1 <= result["tokens_per_forward"] <= 3
+
+    class Skewed(Decoder):
+        """Speculative outputs with their 6th token changed: a stand-in for a bf16 near-tie."""
+
+        def generate(self, prompt, max_new_tokens, *, mode="ar", **kw):
+            out = super().generate(prompt, max_new_tokens, mode=mode, **kw)
+            if mode == "speculative":
+                out.tokens[5] = (out.tokens[5] + 1) % 64
+            return out
+
+    with pytest.raises(
+        AssertionError, match=r"prompt 0: greedy speculative .* at new token 5 \(torch.float32\)"
+    ):
+        bench_decode(Skewed(fp32), prompts, 12, sampling=Sampling(), repeats=1)
+    result = bench_decode(Skewed(bf16), prompts, 12, sampling=Sampling(), repeats=1)
+    assert result["greedy_first_divergence"] == [5, 5]
+    assert first_difference([1, 2], [1, 2]) is None and first_difference([1, 2], [1, 2, 3]) == 2
+
+
+def test_device_choice_and_dtype_for_decoding(monkeypatch):
+    cfg = Config()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(
+        ValueError, match=r"--device cuda: no CUDA device is visible to torch; use --device cpu"
+    ):
+        resolve_device("cuda")
+    assert inference_dtype(cfg, torch.device("cpu")) == torch.float32  # train.precision=auto
+    assert inference_dtype(cfg, torch.device("cuda", 0)) == torch.bfloat16
+    cfg.train.precision = "fp32"
+    assert inference_dtype(cfg, torch.device("cuda", 0)) == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert resolve_device("auto") == resolve_device("cuda") == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match=r"--device cpu with CUDA visible: .*hide the GPUs"):
+        resolve_device("cpu")

@@ -35,8 +35,8 @@ def test_generate_greedy_is_the_same_text_both_ways_and_sampling_runs(trained):
         "def main(",
         "--max-new-tokens",
     ]
-    ar = cpmtp(*common, "40", "--mode", "ar", cache=cache)
-    spec = cpmtp(*common, "40", "--mode", "speculative", cache=cache)
+    ar = cpmtp(*common, "40", "--mode", "ar", "--device", "cpu", cache=cache)
+    spec = cpmtp(*common, "40", "--mode", "speculative", cache=cache)  # --device auto: the CPU here
     assert ar.returncode == 0 and spec.returncode == 0, ar.stderr[-2000:] + spec.stderr[-2000:]
     assert ar.stdout == spec.stdout and ar.stdout.startswith("def main(")
     assert "1.00 tokens per forward" in ar.stderr
@@ -102,4 +102,6 @@ def test_bench_decode_compares_both_modes_on_the_same_prompts(trained):
         assert b["ar_tokens_per_s"] > 0 and b["speculative_tokens_per_s"] > 0
         assert b["speedup"] == pytest.approx(b["speculative_tokens_per_s"] / b["ar_tokens_per_s"])
         assert 1 <= b["tokens_per_forward"] <= 4
+        assert (b["device"], b["dtype"]) == ("cpu", "float32")  # train.precision=auto on a CPU
+    assert result["runs"]["greedy"]["greedy_first_divergence"] == [None, None]  # fp32: identical outputs
     assert "| greedy |" in md.read_text() and "speed-up" in res.stdout

@@ -3,7 +3,10 @@
 Batch 1, KV cache in both modes. Every prompt is decoded `repeats` times in each mode, alternating
 (A B A B ...) so that drifts of a shared machine hit both alike; a prompt's time in a mode is the median
 of its repeats, and each mode's tokens per second is all new tokens over the sum of those medians. In
-greedy mode the two outputs must be equal token for token (checked: a difference fails the benchmark).
+greedy mode the two outputs must be equal token for token in fp32 (checked: a difference fails the
+benchmark). In bf16 a near-tie can round differently in a 1-token and a k-token forward, so there the
+benchmark reports each prompt's first position where the outputs differ (`greedy_first_divergence`, None
+where they agree) instead of failing.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ def bench_decode(
     times: dict[str, list[float]] = {"ar": [], "speculative": []}
     stats: dict[str, list] = {"ar": [], "speculative": []}
     tokens = {"ar": 0, "speculative": 0}
+    exact = decoder.dtype in (torch.float32, torch.float64)
+    divergence: list[int | None] = []
     for i, prompt in enumerate(prompts):
         per_mode: dict[str, list[float]] = {"ar": [], "speculative": []}
         outputs: dict[str, list[int]] = {}
@@ -45,8 +50,13 @@ def bench_decode(
                     stats[mode].append(out.stats)
                     tokens[mode] += out.stats.new_tokens
                     outputs[mode] = out.tokens
-        if sampling.greedy and outputs["ar"] != outputs["speculative"]:
-            raise AssertionError(f"prompt {i}: greedy speculative output differs from greedy autoregressive")
+        if sampling.greedy:
+            divergence.append(first_difference(outputs["ar"], outputs["speculative"]))
+            if exact and divergence[-1] is not None:
+                raise AssertionError(
+                    f"prompt {i}: greedy speculative output differs from greedy autoregressive at new token "
+                    f"{divergence[-1]} ({decoder.dtype})"
+                )
         for mode in times:
             times[mode].append(statistics.median(per_mode[mode]))
     ar_tps = tokens["ar"] / sum(times["ar"])
@@ -61,6 +71,8 @@ def bench_decode(
             "top_p": sampling.top_p,
         },
         "prompts": len(prompts),
+        "device": str(decoder.device),
+        "dtype": str(decoder.dtype).removeprefix("torch."),
         "max_new_tokens": max_new_tokens,
         "repeats": repeats,
         "ar_tokens_per_s": ar_tps,
@@ -71,8 +83,17 @@ def bench_decode(
         "speedup_over_tokens_per_forward": speedup / spec["tokens_per_forward"],
         "ar_seconds": times["ar"],
         "speculative_seconds": times["speculative"],
+        **({"greedy_first_divergence": divergence} if sampling.greedy else {}),
         "machine": {
             "cpu": platform.processor() or platform.machine(),
             "torch_threads": torch.get_num_threads(),
         },
     }
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    """The first index where the token lists differ (a length difference counts), or None if equal."""
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))

@@ -86,6 +86,8 @@ class Decoder:
         if model.head is None:
             raise ValueError("the model has no CP head")
         self.model = model
+        self.device = next(model.parameters()).device  # token tensors and generators live there too
+        self.dtype = next(model.parameters()).dtype
         self.head = model.head
         self.horizon = model.head.horizon
         self.capacity = capacity or model.cfg.trunk.seq_length
@@ -97,10 +99,13 @@ class Decoder:
         """Gate log-weights (k, r), first factors (k, r, V) and next-token log-marginal (k, V) at h (k, d)."""
         return first_token_factors(self.head, h, self.model.unembedding())
 
+    def _tokens(self, ids: list[int]) -> Tensor:
+        return torch.tensor(ids, dtype=torch.long, device=self.device)
+
     def _refill(self, ids: list[int], stats: DecodeStats) -> None:
         keep = ids[-max(1, self.capacity // 2) :]
         self.cache.reset()
-        self.cache.extend(torch.tensor(keep))
+        self.cache.extend(self._tokens(keep))
         stats.refills += 1
 
     @torch.inference_mode()
@@ -121,14 +126,14 @@ class Decoder:
         sampling = sampling or Sampling()
         greedy = sampling.greedy
         transform = None if greedy else sampling.transform
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator(device=self.device).manual_seed(seed)
         n = self.horizon if mode == "speculative" else 1
         stats = DecodeStats(mode=mode, horizon=n, tested=[0] * n, passed=[0] * n)
         start = time.perf_counter()
 
         ids = list(prompt)
         self.cache.reset()
-        h = self.cache.extend(torch.tensor(ids[-self.capacity :]))[-1:]
+        h = self.cache.extend(self._tokens(ids[-self.capacity :]))[-1:]
         log_w, first_factors, marginal = self._first_factors(h)
         forced: Tensor | None = None
         out: list[int] = []
@@ -159,7 +164,7 @@ class Decoder:
                 self._refill(ids, stats)
             k = min(len(step), remaining, self.capacity - self.cache.length)
             base = self.cache.length
-            hs = self.cache.extend(torch.tensor(step[:k]))
+            hs = self.cache.extend(self._tokens(step[:k]))
             stats.forwards += 1
             log_w_k, first_k, marginal_k = self._first_factors(hs)
             kept = 1
@@ -174,7 +179,7 @@ class Decoder:
                         transform(marginal_k[i]), draft_log_q[i + 1], step[i + 1], gen
                     )
                     if not ok:
-                        forced = torch.tensor([token])
+                        forced = self._tokens([token])
                 if not ok:
                     break
                 kept += 1

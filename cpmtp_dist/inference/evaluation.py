@@ -32,13 +32,14 @@ from cpmtp_dist.training.trainer import StatSums
 def heldout_metrics(model: CPModel, batches: Sequence[torch.Tensor]) -> dict:
     """Statistics of the (B, T + 1) held-out sample batches under `model` (one process)."""
     cp = model.cfg.cp
-    sums = StatSums(cp.horizon, cp.rank, torch.device("cpu"))
-    gate = torch.zeros(cp.rank, dtype=torch.float64)
+    device = next(model.parameters()).device
+    sums = StatSums(cp.horizon, cp.rank, device)
+    gate = torch.zeros(cp.rank, dtype=torch.float64, device=device)
     positions = 0
     for batch in batches:
-        tokens, targets = make_targets(batch, cp.horizon, IGNORE_INDEX)
+        tokens, targets = make_targets(batch.to(device), cp.horizon, IGNORE_INDEX)
         out = model(tokens, targets, with_accuracy=True)
-        sums.add(out, torch.zeros(()))
+        sums.add(out, torch.zeros((), device=device))
         gate += out.log_weights.exp().sum(0).double()
         positions += out.log_weights.shape[0]
     stats = sums.reduce(get_parallel_groups(), num_micro=len(batches))

@@ -1,4 +1,9 @@
-"""Loading a checkpoint, saved at any training layout, into one process for decoding and evaluation."""
+"""Loading a checkpoint, saved at any training layout, into one process for decoding and evaluation.
+
+Note: the model is built on the device it decodes on. Megatron places its rotary table, masks and KV cache on
+the current CUDA device whenever CUDA is visible, so a model left on the CPU of a GPU machine would mix
+devices; to decode on the CPU of such a machine the command line hides the GPUs first (`--device cpu`).
+"""
 
 from __future__ import annotations
 
@@ -23,15 +28,45 @@ class LoadedModel:
     checkpoint: Path
 
 
-def load_for_inference(path: Path, device: torch.device | None = None) -> LoadedModel:
-    """Load a checkpoint folder (or a run's `checkpoints/` folder, taking the newest) into one process."""
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(choice: str) -> torch.device:
+    """`--device`: auto (CUDA when available), cpu or cuda (the current CUDA device)."""
+    if choice not in DEVICES:
+        raise ValueError(f"--device {choice!r}: choose one of {', '.join(DEVICES)}")
+    cuda = torch.cuda.is_available()
+    if choice == "cuda" and not cuda:
+        raise ValueError("--device cuda: no CUDA device is visible to torch; use --device cpu (or auto)")
+    if choice == "cpu" and cuda:
+        raise ValueError(
+            "--device cpu with CUDA visible: Megatron would put its rotary table and KV cache on the GPU; "
+            "hide the GPUs (CUDA_VISIBLE_DEVICES=) before the process starts"
+        )
+    return torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+
+
+def inference_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    """The training dtype of `cfg` on `device`: `train.precision`, where auto is bf16 on GPUs, fp32 on CPUs."""
+    precision = cfg.train.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def load_for_inference(
+    path: Path, device: torch.device | None = None, dtype: torch.dtype | None = None
+) -> LoadedModel:
+    """Load a checkpoint folder (or a run's `checkpoints/` folder, taking the newest) into one process, on
+    `device` (default: the CPU) in `dtype` (default: the training dtype there, `inference_dtype`)."""
     ckpt = latest_checkpoint(Path(path))
     if ckpt is None:
         raise FileNotFoundError(f"{path} holds no complete checkpoint (a folder with meta.json and state/)")
     cfg = load_config(ckpt / "config.yaml")
     initialize_parallel(1, 1, 1, seed=cfg.train.seed)
     device = device or torch.device("cpu")
-    model = CPModel(cfg.model).to(device)
+    dtype = dtype or inference_dtype(cfg, device)
+    model = CPModel(cfg.model, params_dtype=dtype).to(device)
     result = model.load_state_dict(read_model_state(ckpt), strict=False)
     params = {name for name, _ in model.named_parameters()}
     wrong = [k for k in result.missing_keys if k in params] + list(result.unexpected_keys)

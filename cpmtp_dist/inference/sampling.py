@@ -62,7 +62,7 @@ def accept_or_resample(
     Either way the returned token is distributed as p (Leviathan et al., 2023).
     """
     p, q = log_p.exp(), log_q.exp()
-    u = torch.rand((), generator=generator, dtype=p.dtype)
+    u = torch.rand((), generator=generator, dtype=p.dtype, device=p.device)
     if u * q[token] <= p[token]:
         return True, token
     residual = (p - q).clamp_min(0)

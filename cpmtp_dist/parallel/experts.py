@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from cpmtp_dist.parallel.collectives import all_gather, all_reduce_
+
 
 @dataclass(frozen=True)
 class ExpertShard:
@@ -43,21 +45,18 @@ class ExpertShard:
     def _gather(self, x: Tensor, dim: int) -> Tensor:
         if self.world == 1:
             return x
-        parts = [torch.empty_like(x) for _ in range(self.world)]
-        dist.all_gather(parts, x.contiguous(), group=self.group)
-        return torch.cat(parts, dim=dim)
+        return torch.cat(all_gather(x, self.world, self.group), dim=dim)
 
     def sum_to_owner(self, x: Tensor, n_own: int) -> Tensor:
         """Sum `x` (world * N, ...) over the group and keep this rank's rows.  -> (N, ...)."""
         if self.world == 1:
             return x
-        x = x.contiguous()
-        dist.all_reduce(x, group=self.group)
+        x = all_reduce_(x.contiguous(), self.group)
         return x[self.own_rows(n_own)]
 
     def all_reduce_(self, x: Tensor) -> Tensor:
         if self.world > 1:
-            dist.all_reduce(x, group=self.group)
+            all_reduce_(x, self.group)
         return x
 
 

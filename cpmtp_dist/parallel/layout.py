@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from cpmtp_dist.parallel.collectives import all_reduce_
 from cpmtp_dist.parallel.experts import ExpertShard
 from cpmtp_dist.parallel.state import ParallelGroups
 from cpmtp_dist.parallel.vocab import VocabShard
@@ -96,7 +97,7 @@ def global_grad_norm(model: nn.Module, groups: ParallelGroups) -> float:
         if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or groups.mp_rank == 0):
             sq += p.grad.detach().double().pow(2).sum().cpu()
     if groups.tp_size * groups.pp_size > 1:
-        dist.all_reduce(sq, group=groups.mp_group)
+        all_reduce_(sq, groups.mp_group)
     return float(sq.sqrt())
 
 
@@ -111,7 +112,5 @@ def count_parameters(model: nn.Module, groups: ParallelGroups) -> int:
         n *= groups.ep_size if getattr(p, "expert_parallel", False) else 1
         total += n
     if groups.pp_size > 1:
-        t = torch.tensor(total, dtype=torch.int64)
-        dist.all_reduce(t, group=groups.pp_group)
-        total = int(t)
+        total = int(all_reduce_(torch.tensor(total, dtype=torch.int64), groups.pp_group))
     return total

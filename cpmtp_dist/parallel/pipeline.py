@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from torch import Tensor, nn
+
+from cpmtp_dist.parallel.collectives import all_reduce_
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ def finalize_tied_embedding_grads(models: list[nn.Module], *args: Any, **kwargs:
         # E.g. the `separate` parameterisation leaves the last stage's copy unused: its part is zero, and
         # the collective must still run on both stages.
         weight.grad = torch.zeros_like(weight)
-    dist.all_reduce(weight.grad, group=parallel_state.get_embedding_group())
+    all_reduce_(weight.grad, parallel_state.get_embedding_group())
 
 
 def prepare_trunk_for_schedule(trunk: nn.Module, stage: PipelineStage, dtype: torch.dtype) -> None:

@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from cpmtp_dist.parallel.collectives import all_reduce_
+
 
 @dataclass(frozen=True)
 class VocabShard:
@@ -31,7 +33,7 @@ class VocabShard:
 
     def _all_reduce(self, t: Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> Tensor:
         if self.world > 1:
-            dist.all_reduce(t, op=op, group=self.group)
+            all_reduce_(t, self.group, op)
         return t
 
     def logsumexp(self, logits: Tensor) -> Tensor:

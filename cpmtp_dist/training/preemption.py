@@ -17,6 +17,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from cpmtp_dist.parallel.collectives import all_reduce_
+
 PREEMPTED_EXIT_CODE = 3
 """`cpmtp train`'s exit status after a preemption checkpoint (requeue and resume)."""
 
@@ -49,5 +51,5 @@ class PreemptionWatch:
         """Whether any rank has received a signal. Collective over the whole world."""
         flag = torch.tensor([0.0 if self.received is None else 1.0], device=self.device)
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            all_reduce_(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())

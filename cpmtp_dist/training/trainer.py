@@ -30,6 +30,7 @@ from cpmtp_dist.data.source import build_training_data
 from cpmtp_dist.model.cp_head import IGNORE_INDEX
 from cpmtp_dist.model.cp_loss import CPLossOutput
 from cpmtp_dist.model.cp_model import CPModel
+from cpmtp_dist.parallel.collectives import all_reduce_
 from cpmtp_dist.parallel.deepspeed_experts import apply_deepspeed_expert_parallel
 from cpmtp_dist.parallel.layout import (
     DeepSpeedMPU,
@@ -177,7 +178,7 @@ def train_step(
     pairs = [make_targets(mb.to(device), n, IGNORE_INDEX) for mb in micro_batches]
     count = torch.stack([(tg != IGNORE_INDEX).any(-1).sum() for _, tg in pairs]).sum().double()
     if groups.dp_size > 1:
-        dist.all_reduce(count, group=groups.dp_group)
+        all_reduce_(count, groups.dp_group)
     scale = groups.dp_size / count  # a tensor: no host sync
     sums = StatSums(n, cfg.model.cp.rank, device)
     if groups.pp_size > 1:
@@ -298,11 +299,11 @@ class StatSums:
         they exist on the last stage only, which sends them to the others."""
         flat = torch.cat([t.reshape(-1) for t in self._tensors()])
         if groups.dp_size > 1:
-            dist.all_reduce(flat, group=groups.dp_group)
+            all_reduce_(flat, groups.dp_group)
         if groups.pp_size > 1:
             if not groups.is_last_stage:
                 flat.zero_()
-            dist.all_reduce(flat, group=groups.pp_group)
+            all_reduce_(flat, groups.pp_group)
         loss, positions, aux, kl, *rest = flat.tolist()
         n, r = len(self.head_nll), len(self.usage)
         head_nll, head_count = rest[:n], rest[n : 2 * n]
