@@ -126,7 +126,7 @@ class Decoder:
         sampling = sampling or Sampling()
         greedy = sampling.greedy
         transform = None if greedy else sampling.transform
-        gen = torch.Generator(device=self.device).manual_seed(seed)
+        gen = None if greedy else torch.Generator(device=self.device).manual_seed(seed)
         n = self.horizon if mode == "speculative" else 1
         stats = DecodeStats(mode=mode, horizon=n, tested=[0] * n, passed=[0] * n)
         start = time.perf_counter()
