@@ -122,6 +122,9 @@ class TrainConfig:
     """Evaluate on held-out data every this many steps (0: only at the end)."""
     eval_batches: int = 4
     """Micro-batches per evaluation."""
+    peak_tflops: float = 0.0
+    """Dense bf16 peak of one GPU in TFLOP/s, for MFU; 0: the built-in table by GPU name (A100, H100, H200 in
+    their SXM, PCIe and NVL variants, GH200, B200, L40S, A10). Set it for a GPU the table lacks."""
 
 
 @dataclass

@@ -336,6 +336,7 @@ _MINIMUMS: tuple[tuple[str, int | float, str], ...] = (
     ("train.log_every", 1, ""),
     ("train.eval_every", 0, " (0 evaluates only at the end)"),
     ("train.eval_batches", 1, ""),
+    ("train.peak_tflops", 0, " (0 takes the GPU's peak from the built-in table)"),
     ("data.tokenizer_vocab_size", 1, ""),
     ("data.max_chars", 0, " (0 means no cap)"),
     ("data.num_workers", 0, " (0 reads shards in the training process)"),

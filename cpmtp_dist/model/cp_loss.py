@@ -228,7 +228,9 @@ class _ChunkedCPLoss(torch.autograd.Function):
                 for a in range(head.num_local_components):
                     with torch.enable_grad():
                         z = _call(head, leaves, "features", hc, a, s)  # (rows, d)
-                        z_leaf = z.detach().requires_grad_(True)
+                        # The features' gradient only when something below needs it (a frozen trunk under
+                        # a separate head needs none: that would be 2·V·d FLOPs per token and factor for nothing).
+                        z_leaf = z.detach().requires_grad_(z.requires_grad)
                         w = _call(head, leaves, "unembedding", a, s, u_leaf)  # (V_local, d)
                         logits = z_leaf @ w.t()  # (rows, V_local)
                     with torch.no_grad():
@@ -237,12 +239,13 @@ class _ChunkedCPLoss(torch.autograd.Function):
                         g = upcast(logits).sub_(lse[rows, a, s].unsqueeze(-1)).exp_()
                         vocab.subtract_onehot_(g, tgt[rows, s])
                         g *= (scale[rows, c0 + a] * valid[rows, s]).unsqueeze(-1)
-                    (grad_z,) = accumulate(logits, g.to(logits.dtype), [z_leaf] + wrt + wrt_u)
+                    feature = [z_leaf] if z.requires_grad else []
+                    grad_z = accumulate(logits, g.to(logits.dtype), feature + wrt + wrt_u)
                     # Under tp this is one vocabulary shard's partial sum. Everything computed from it
                     # (the gradients of h and of phi) is linear in it, so those are summed over the
                     # shards once at the end: O(tokens * d + |phi|) per step instead of per factor.
                     if z.requires_grad:
-                        add(grad_h_all, rows, accumulate(z, grad_z, first + wrt))
+                        add(grad_h_all, rows, accumulate(z, grad_z[0], first + wrt))
         if vocab.world > 1:
             if need_h:
                 vocab.all_reduce_(grad_h_all)

@@ -1,6 +1,7 @@
 """One metrics interface: console progress lines, `metrics.jsonl` and MLflow (`tracking.py`), on rank 0 only.
 
-Also the model-FLOPs count used for MFU (CP head included).
+Also the FLOPs counts behind MFU (model FLOPs, CP head included) and HFU (hardware FLOPs: what the GPU
+actually computes, the chunked loss's recomputation included), and the accelerators' peaks.
 """
 
 from __future__ import annotations
@@ -9,43 +10,117 @@ import json
 import math
 import sys
 import time
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 import torch
 
-from cpmtp_dist.config import ModelConfig
+from cpmtp_dist.config import CPHeadConfig, ModelConfig, TrunkConfig
 from cpmtp_dist.training.tracking import Tracker
 
-# Dense bf16 peak of the accelerators we know (FLOP/s); MFU is omitted on anything else.
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
+    ("GH200", 989e12),
+    ("H200 NVL", 835e12),
+    ("H200", 989e12),  # SXM
+    ("H100 NVL", 835e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),  # SXM ("H100 80GB HBM3")
+    ("A100", 312e12),  # SXM4 and PCIe alike
+    ("B200", 2250e12),
+    ("L40S", 362e12),
+    ("A10", 125e12),
+)
+"""Dense (no sparsity) bf16 tensor-core peak per GPU in FLOP/s, from NVIDIA's data sheets, matched against
+`torch.cuda.get_device_name()` in this order, case-insensitively: the first name it contains wins (so the
+NVL and PCIe variants come before their SXM parts, and A100 before A10)."""
+
+
+@dataclass(frozen=True)
+class FlopsPerToken:
+    """Training FLOPs per token of one optimizer step."""
+
+    model: float
+    """The model's arithmetic (what MFU counts): forward + backward of what is trained, the forward of what
+    is frozen."""
+    hardware: float
+    """What runs (what HFU counts): `model` plus the chunked CP loss's recomputation of the head's forward."""
+
+
+def flops_per_token(cfg: ModelConfig, *, freeze_trunk: bool = False) -> FlopsPerToken:
+    """Model and hardware FLOPs per training token (matmuls; norms and softmaxes are left out).
+
+    Forward FLOPs are 2 per multiply-add; a trained part costs 3x its forward (forward, gradients for its
+    inputs, gradients for its weights). A frozen trunk (`finetune.freeze_trunk`, its tied unembedding
+    included) runs its forward only, and the head's backward then needs no gradient for the trunk's output:
+    the gate's and the φ maps' weight gradients, the gradient through the frozen shared unembedding (or the
+    weight gradient of a separate one), and inside a residual φ the gradient through W2. The chunked loss
+    (`model.cp.loss_impl=chunked`) recomputes the head's factors in its backward: one more head forward in
+    hardware FLOPs, none in model FLOPs. `tests/test_flops.py` checks every case against the matmuls a real
+    step runs.
+    """
+    trunk, head = forward_flops_per_token(cfg)
+    if freeze_trunk:
+        gate, phi, unembed = head_forward_parts(cfg.cp, cfg.trunk)
+        inner = 0.0 if cfg.cp.parameterisation == "separate" else (1.5 if cfg.cp.phi == "residual" else 1.0)
+        model = trunk + head + gate + cfg.cp.rank * cfg.cp.horizon * (unembed + inner * phi)
+    else:
+        model = 3.0 * (trunk + head)
+    recompute = head if cfg.cp.loss_impl == "chunked" else 0.0
+    return FlopsPerToken(model=model, hardware=model + recompute)
 
 
 def model_flops_per_token(cfg: ModelConfig) -> float:
-    """Training FLOPs per token: 3x the forward matmul FLOPs of trunk and CP head.
+    """Model FLOPs per training token with every part trained (`flops_per_token(cfg).model`)."""
+    return flops_per_token(cfg).model
 
-    Counts the model's arithmetic only, as MFU does: the chunked loss's recomputation of the head
-    (one more head forward) is hardware work, not model work, and is not counted.
-    """
+
+def forward_flops_per_token(cfg: ModelConfig) -> tuple[float, float]:
+    """Forward matmul FLOPs per token of the trunk (projections, MLP, attention scores and values) and of the
+    CP head (gate, φ maps, r·n unembeddings)."""
     t, c = cfg.trunk, cfg.cp
-    d, f, v, seq = t.hidden_size, t.ffn_hidden_size or 4 * t.hidden_size, t.vocab_size, t.seq_length
+    d, f, seq = t.hidden_size, t.ffn_hidden_size or 4 * t.hidden_size, t.seq_length
     per_layer = 2 * (4 * d * d + 2 * d * f) + 2 * 2 * seq * d  # projections + MLP + scores/values
-    trunk = t.num_layers * per_layer
+    gate, phi, unembed = head_forward_parts(c, t)
+    return float(t.num_layers * per_layer), gate + c.rank * c.horizon * (phi + unembed)
+
+
+def head_forward_parts(c: CPHeadConfig, t: TrunkConfig) -> tuple[float, float, float]:
+    """Forward FLOPs per token of the gate, of one factor's φ map, and of one factor's unembedding."""
+    d = t.hidden_size
     if c.parameterisation == "separate":
         phi = 0
     elif c.phi == "residual":
         phi = 2 * 2 * d * (c.phi_hidden_size or d)
     else:
         phi = 2 * d * d
-    head = 2 * d * c.rank + c.rank * c.horizon * (phi + 2 * v * d)
-    return 3.0 * (trunk + head)
+    return float(2 * d * c.rank), float(phi), float(2 * t.vocab_size * d)
 
 
-def peak_flops(device: torch.device) -> float | None:
+def peak_flops(device: torch.device, peak_tflops: float = 0.0) -> float | None:
+    """The bf16 peak (FLOP/s) of one accelerator `device`: `peak_tflops` (`train.peak_tflops`) when set, else
+    the table's value for the GPU's name; None on a CPU, and for an unknown GPU without `peak_tflops` (with a
+    warning that says what to set), which leaves MFU out of the metrics."""
     if device.type != "cuda":
         return None
+    if peak_tflops > 0:
+        return peak_tflops * 1e12
     name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    peak = gpu_peak_flops(name)
+    if peak is None:
+        warnings.warn(
+            f"no bf16 peak known for the GPU {name!r}: MFU is not logged; set train.peak_tflops to its dense "
+            "bf16 peak in TFLOP/s",
+            stacklevel=2,
+        )
+    return peak
+
+
+def gpu_peak_flops(name: str) -> float | None:
+    """The table's dense bf16 peak for a GPU called `name`, or None."""
+    low = name.lower()
+    return next((v for k, v in PEAK_BF16_FLOPS if k.lower() in low), None)
 
 
 def entropy(p: torch.Tensor) -> float:

@@ -61,7 +61,7 @@ from cpmtp_dist.training.finetune import (
     load_initial_weights,
     resolve_init_checkpoint,
 )
-from cpmtp_dist.training.metrics import MetricsLogger, entropy, model_flops_per_token, peak_flops
+from cpmtp_dist.training.metrics import MetricsLogger, entropy, flops_per_token, peak_flops
 from cpmtp_dist.training.optim import build_engine
 from cpmtp_dist.training.preemption import PreemptionWatch
 from cpmtp_dist.training.tracking import Tracker, maybe_build_tracker, run_files
@@ -444,7 +444,8 @@ def train(
         mpu=DeepSpeedMPU(groups),
     )
     tokens_per_step = t.global_batch_size * cfg.model.trunk.seq_length
-    flops_per_token, peak = model_flops_per_token(cfg.model), peak_flops(device)
+    flops = flops_per_token(cfg.model, freeze_trunk=cfg.finetune.freeze_trunk)
+    peak = peak_flops(device, t.peak_tflops)
     n_params = count_parameters(model, groups)
     if is_logger:
         print(
@@ -532,7 +533,8 @@ def train(
                 if step == t.log_every or step == t.steps:
                     metrics["optim_state_mib_rank0"] = optimizer_state_bytes(engine) / 2**20
                 if peak is not None:
-                    metrics["mfu"] = tps * flops_per_token / (peak * groups.world_size)
+                    metrics["mfu"] = tps * flops.model / (peak * groups.world_size)
+                    metrics["hfu"] = tps * flops.hardware / (peak * groups.world_size)
                     metrics["max_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
                 logger.log(step, metrics)
                 tic = time.perf_counter()
