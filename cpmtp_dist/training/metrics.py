@@ -71,11 +71,6 @@ def flops_per_token(cfg: ModelConfig, *, freeze_trunk: bool = False) -> FlopsPer
     return FlopsPerToken(model=model, hardware=model + recompute)
 
 
-def model_flops_per_token(cfg: ModelConfig) -> float:
-    """Model FLOPs per training token with every part trained (`flops_per_token(cfg).model`)."""
-    return flops_per_token(cfg).model
-
-
 def forward_flops_per_token(cfg: ModelConfig) -> tuple[float, float]:
     """Forward matmul FLOPs per token of the trunk (projections, MLP, attention scores and values) and of the
     CP head (gate, φ maps, r·n unembeddings)."""

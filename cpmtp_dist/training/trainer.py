@@ -2,8 +2,8 @@
 
 Note: loss normalisation. docs/MODEL.md ("Training loss") asks for the sum of L_t divided by the *global*
 number of positions that have at least one target, over all micro-batches and data-parallel ranks, so that
-accumulation and data parallelism give the gradient of one big batch. `train_step` therefore counts those positions
-for the whole step first (one all-reduce over dp), and each micro-batch back-propagates
+accumulation and data parallelism give the gradient of one big batch. `train_step` therefore counts those
+positions for the whole step first (one all-reduce over dp), and each micro-batch back-propagates
 `loss_sum * dp / count`: DeepSpeed averages gradients over dp ranks, which the factor dp undoes.
 The auxiliary balancing loss is a per-micro-batch statistic and is averaged over micro-batches.
 Head-only fine-tuning with distillation (`finetune.distill_weight` = beta) back-propagates
