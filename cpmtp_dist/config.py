@@ -34,6 +34,9 @@ class TrunkConfig:
     """Std of the normal init of the trunk's weights."""
     dropout: float = 0.0
     """Attention and hidden dropout probability."""
+    attention: Literal["auto", "local", "sdpa"] = "auto"
+    """Core attention: `sdpa` (torch's scaled_dot_product_attention: flash / cuDNN kernels on GPUs), `local`
+    (Megatron's unfused DotProductAttention, full score matrix), `auto` = sdpa (cpmtp_dist/model/attention.py)."""
 
 
 @dataclass

@@ -39,13 +39,19 @@ def make_model(
     layers: int = 2,
     sharpen: float = 1.0,
     head_noise: float = 0.0,
+    attention: str = "auto",
     **cp,
 ) -> CPModel:
     """A random model. `sharpen` scales the final norm (peakier next-token distributions, so that greedy
     decoding falls into the repetitions drafts can predict); `head_noise` makes the components differ."""
     torch.manual_seed(n * 100 + r)
     trunk = TrunkConfig(
-        num_layers=layers, hidden_size=32, num_attention_heads=4, seq_length=seq, vocab_size=vocab
+        num_layers=layers,
+        hidden_size=32,
+        num_attention_heads=4,
+        seq_length=seq,
+        vocab_size=vocab,
+        attention=attention,
     )
     model = CPModel(ModelConfig(trunk=trunk, cp=CPHeadConfig(horizon=n, rank=r, **cp))).eval()
     with torch.no_grad():
@@ -137,6 +143,22 @@ def test_greedy_speculative_output_is_the_greedy_autoregressive_output(n, r, hea
                 ref.append(nxt)
             assert ar.tokens[: len(ref)] == ref
     assert 0 < passed < tested, (passed, tested)  # both paths of the verification ran
+
+
+def test_sdpa_and_local_attention_decode_the_same_tokens():
+    """The KV cache under both core attentions (prefill with the kernel's causal mask, single-token steps,
+    k-token verification with cached_forward's explicit mask): the same greedy tokens, past a window refill."""
+    models = {
+        kind: make_model(3, 2, seq=24, sharpen=4.0, head_noise=0.3, attention=kind)
+        for kind in ("local", "sdpa")
+    }
+    models["sdpa"].load_state_dict(models["local"].state_dict())
+    for mode in ("ar", "speculative"):
+        out = {
+            kind: Decoder(m).generate([3, 1, 4, 1, 5, 9, 2, 6], 40, mode=mode).tokens
+            for kind, m in models.items()
+        }
+        assert out["sdpa"] == out["local"] and len(out["local"]) == 40, mode
 
 
 def test_eos_ends_both_modes_at_the_same_token():

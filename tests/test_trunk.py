@@ -244,3 +244,25 @@ def test_compat_refuses_other_megatron_version(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(package_info, "__version__", "0.17.0")
     with pytest.raises(RuntimeError, match=r"megatron-core 0\.17\.0"):
         maybe_apply_cpu_compat()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sdpa_attention_equals_local(groups: ParallelGroups, dtype: torch.dtype) -> None:
+    """model.trunk.attention: sdpa (torch's scaled_dot_product_attention) against Megatron's local
+    DotProductAttention, same weights: hidden states and every weight gradient; the tolerance is fp32's."""
+    trunks = {}
+    for kind in ("local", "sdpa"):
+        cfg = TrunkConfig(**{**CFG.__dict__, "attention": kind})
+        trunks[kind] = build_trunk(cfg).to(dtype)
+        init_trunk_weights(trunks[kind], cfg, seed=3, stage=PipelineStage())
+    attn = trunks["sdpa"].decoder.layers[0].self_attention.core_attention
+    assert type(attn).__name__ == "SDPAttention"
+    x = tokens()
+    out = {k: trunk_hidden(m, x) for k, m in trunks.items()}
+    torch.testing.assert_close(out["sdpa"], out["local"], atol=1e-5, rtol=1e-5)
+    for k in trunks:
+        (out[k] * torch.linspace(-1, 1, out[k].numel(), dtype=dtype).view_as(out[k])).sum().backward()
+    for (name, p), q in zip(trunks["sdpa"].named_parameters(), trunks["local"].parameters(), strict=True):
+        # Summed over 48 positions: fp32 rounding of the two orders of summation, relative to the largest entry.
+        scale = float(q.grad.abs().max())
+        assert float((p.grad - q.grad).abs().max()) <= 1e-5 * scale, (name, scale)

@@ -1,4 +1,5 @@
-"""The causal transformer trunk: a Megatron-core ``GPTModel`` (local layer spec, RoPE, tied embeddings).
+"""The causal transformer trunk: a Megatron-core ``GPTModel`` (local layer spec with the core attention of
+``model.trunk.attention``, RoPE, tied embeddings).
 
 The CP multi-token head consumes the trunk's final hidden states (after the final norm) and the tied
 unembedding; ``trunk_hidden`` and ``unembedding_weight`` expose exactly those. Megatron works sequence-first
@@ -21,6 +22,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from torch import Tensor
 
 from cpmtp_dist.config import TrunkConfig
+from cpmtp_dist.model.attention import SDPAttention, resolve_attention
 from cpmtp_dist.parallel.pipeline import PipelineStage
 from cpmtp_dist.parallel.sequence import SequenceParallelNorm
 from cpmtp_dist.parallel.state import get_parallel_groups
@@ -94,6 +96,8 @@ def build_trunk(
         sequence_parallel=sequence_parallel,
     )
     spec = get_gpt_layer_local_spec(normalization=cfg.normalization)
+    if resolve_attention(cfg.attention) == "sdpa":
+        spec.submodules.self_attention.submodules.core_attention = SDPAttention
     if sequence_parallel:
         spec.submodules.input_layernorm = SequenceParallelNorm
         spec.submodules.pre_mlp_layernorm = SequenceParallelNorm
