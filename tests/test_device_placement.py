@@ -20,6 +20,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.utils._pytree as pytree
+from megatron.core import parallel_state
+from megatron.core.utils import GlobalMemoryBuffer
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from cpmtp_dist.config import CPHeadConfig, ModelConfig, TrunkConfig
@@ -66,18 +68,24 @@ class StrictDevices(TorchDispatchMode):
 def on_gpu(monkeypatch):
     initialize_parallel(1, 1, 1, seed=0)
     monkeypatch.setattr(megatron_compat, "_CPU", GPU)  # Megatron's "current CUDA device"
+    # Megatron keeps one process-wide scratch buffer (the local attention's scores): earlier tests of this
+    # process made it on the CPU. A GPU process makes it on its GPU; so does this fresh one.
+    monkeypatch.setattr(parallel_state, "_GLOBAL_MEMORY_BUFFER", GlobalMemoryBuffer())
     with StrictDevices():
         yield
 
 
-def gpu_model(**cp) -> CPModel:
-    trunk = TrunkConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16, vocab_size=V)
+def gpu_model(attention: str, **cp) -> CPModel:
+    trunk = TrunkConfig(
+        num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16, vocab_size=V, attention=attention
+    )
     return CPModel(ModelConfig(trunk=trunk, cp=CPHeadConfig(horizon=N, rank=R, **cp))).to(GPU)
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "local"])
 @pytest.mark.parametrize("head", list(HEADS))
-def test_a_training_step_meets_no_cpu_tensor(on_gpu, head):
-    model = gpu_model(**HEADS[head])
+def test_a_training_step_meets_no_cpu_tensor(on_gpu, head, attention):
+    model = gpu_model(attention, **HEADS[head])
     tokens, targets = make_targets(torch.randint(0, V, (2, 17)).to(GPU), N, IGNORE_INDEX)
     sums = StatSums(N, R, GPU)
     out = model(tokens, targets, with_accuracy=True)
@@ -87,9 +95,10 @@ def test_a_training_step_meets_no_cpu_tensor(on_gpu, head):
     assert all(p.grad is not None and p.grad.device == GPU for p in model.parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "local"])
 @pytest.mark.parametrize("head", list(HEADS))
-def test_a_decoding_step_meets_no_cpu_tensor(on_gpu, head):
-    model = gpu_model(**HEADS[head]).eval()
+def test_a_decoding_step_meets_no_cpu_tensor(on_gpu, head, attention):
+    model = gpu_model(attention, **HEADS[head]).eval()
     u = model.unembedding()
     sampling = Sampling(greedy=False, temperature=0.8, top_k=10, top_p=0.9)
     with torch.inference_mode():
