@@ -26,29 +26,45 @@ HEADS = {
 
 
 class MatmulFlops(TorchDispatchMode):
-    """Counts 2·m·k·n for every matrix product that runs (mm, addmm, bmm, baddbmm: what linear layers,
-    attention scores and einsums lower to), forward and backward alike."""
+    """Counts 2·m·k·n for every matrix product that runs (mm, addmm, bmm, baddbmm: what linear layers, the local
+    attention's scores and values and einsums lower to), forward and backward alike. The CPU's fused attention
+    kernel is charged as the matrix products it stands for: q kᵀ and p v forward (2 · 2·b·h·sq·sk·d), twice that
+    backward (dv, dp, dq, dk), the convention of torch's own flop counter."""
+
+    SDPA = (
+        aten._scaled_dot_product_flash_attention_for_cpu,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward,
+    )
 
     def __init__(self) -> None:
         super().__init__()
         self.total = 0
+        self.fused = 0  # fused attention calls seen
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         packet = func.overloadpacket
         if packet in (aten.mm, aten.bmm, aten.addmm, aten.baddbmm):
             a, b = args[-2:] if packet in (aten.mm, aten.bmm) else args[1:3]
             self.total += 2 * math.prod(a.shape) * b.shape[-1]
+        elif packet in self.SDPA:
+            q, k = (
+                (args[0], args[1]) if packet == self.SDPA[0] else (args[1], args[2])
+            )  # backward: grad_out first
+            matmuls = 2 if packet == self.SDPA[0] else 4
+            self.fused += 1
+            self.total += matmuls * 2 * math.prod(q.shape) * k.shape[-2]  # q: (b, h, sq, d), k: (b, h, sk, d)
         return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("head", list(HEADS))
 @pytest.mark.parametrize("impl", ["naive", "chunked"])
 @pytest.mark.parametrize("freeze_trunk", [False, True])
-def test_flops_per_token_are_the_matmuls_of_a_training_step(head, impl, freeze_trunk):
+@pytest.mark.parametrize("attention", ["local", "sdpa"])
+def test_flops_per_token_are_the_matmuls_of_a_training_step(head, impl, freeze_trunk, attention):
     initialize_parallel(1, 1, 1, seed=0)
     batch, seq = 2, 16
     trunk = TrunkConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=seq, vocab_size=64,
-                        ffn_hidden_size=48)  # fmt: skip
+                        ffn_hidden_size=48, attention=attention)  # fmt: skip
     cfg = ModelConfig(trunk=trunk, cp=CPHeadConfig(horizon=3, rank=2, loss_impl=impl, **HEADS[head]))
     model = CPModel(cfg)
     if freeze_trunk:  # as finetune.freeze_trunk does: the trunk, its tied unembedding included
@@ -58,6 +74,9 @@ def test_flops_per_token_are_the_matmuls_of_a_training_step(head, impl, freeze_t
         model(tokens, targets).loss_sum.backward()
     flops = flops_per_token(cfg, freeze_trunk=freeze_trunk)
     assert counted.total / (batch * seq) == flops.hardware
+    assert counted.fused == (
+        0 if attention == "local" else (2 if freeze_trunk else 4)
+    )  # 2 layers, fwd (+ bwd)
     # Model FLOPs leave out the chunked loss's recomputation of the head's forward, only that.
     recompute = flops.hardware - flops.model
     assert recompute == (metrics.forward_flops_per_token(cfg)[1] if impl == "chunked" else 0)
