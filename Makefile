@@ -47,7 +47,7 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python tests/slurm_cluster.py install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .

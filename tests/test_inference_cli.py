@@ -10,6 +10,7 @@ import sys
 import mlflow
 import pytest
 
+from launchers.cli import main as cli
 from test_train_cli import ROOT, SMALL, cpmtp
 
 
@@ -25,8 +26,9 @@ def trained(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_generate_greedy_is_the_same_text_both_ways_and_sampling_runs(trained):
+def test_generate_greedy_is_the_same_text_both_ways_and_sampling_runs(trained, capsys, monkeypatch):
     run, cache = trained
+    monkeypatch.setenv("CPMTP_CACHE_DIR", str(cache))
     common = [
         "generate",
         "--checkpoint",
@@ -35,18 +37,27 @@ def test_generate_greedy_is_the_same_text_both_ways_and_sampling_runs(trained):
         "def main(",
         "--max-new-tokens",
     ]
+    # One real process proves the console command; the other calls run `main` in this process (cheaper).
     ar = cpmtp(*common, "40", "--mode", "ar", "--device", "cpu", cache=cache)
-    spec = cpmtp(*common, "40", "--mode", "speculative", cache=cache)  # --device auto: the CPU here
-    assert ar.returncode == 0 and spec.returncode == 0, ar.stderr[-2000:] + spec.stderr[-2000:]
-    assert ar.stdout == spec.stdout and ar.stdout.startswith("def main(")
-    assert "1.00 tokens per forward" in ar.stderr
-    sampled = cpmtp(*common, "20", "--temperature", "0.8", "--top-p", "0.9", "--seed", "3", cache=cache)
-    again = cpmtp(*common, "20", "--temperature", "0.8", "--top-p", "0.9", "--seed", "3", cache=cache)
-    assert sampled.returncode == 0 and sampled.stdout == again.stdout  # seeded
-    bad = cpmtp(*common, "8", "--greedy", "--temperature", "0.5", cache=cache)
-    assert bad.returncode != 0 and "--greedy takes the argmax" in bad.stderr
-    bad = cpmtp(*common, "8", "--top-p", "1.5", cache=cache)
-    assert bad.returncode != 0 and "--top-p 1.5: must be in (0, 1]" in bad.stderr
+    assert ar.returncode == 0, ar.stderr[-2000:]
+    assert ar.stdout.startswith("def main(") and "1.00 tokens per forward" in ar.stderr
+
+    def run(*args: str) -> tuple[int, str, str]:
+        try:
+            rc = cli([*common, *args])
+        except SystemExit as exit_:
+            rc = exit_.code
+        out = capsys.readouterr()
+        return rc, out.out, out.err
+
+    assert run("40", "--mode", "speculative")[:2] == (0, ar.stdout)  # --device auto: the CPU here
+    sampled = run("20", "--temperature", "0.8", "--top-p", "0.9", "--seed", "3")
+    again = run("20", "--temperature", "0.8", "--top-p", "0.9", "--seed", "3")
+    assert sampled[0] == 0 and sampled[1] == again[1]  # seeded
+    rc, _, err = run("8", "--greedy", "--temperature", "0.5")
+    assert rc != 0 and "--greedy takes the argmax" in str(rc) + err
+    rc, _, err = run("8", "--top-p", "1.5")
+    assert rc != 0 and "--top-p 1.5: must be in (0, 1]" in str(rc) + err
 
 
 @pytest.mark.slow
