@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,6 +26,7 @@ from cpmtp_dist.parallel.megatron_compat import maybe_apply_cpu_compat
 from cpmtp_dist.parallel.pipeline import PipelineStage
 from cpmtp_dist.parallel.state import ParallelGroups, destroy_parallel, initialize_parallel
 
+ROOT = Path(__file__).resolve().parents[1]
 CFG = TrunkConfig(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=16, vocab_size=128)
 B, T = 3, CFG.seq_length
 cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU compat layer is inactive with CUDA")
@@ -266,3 +271,15 @@ def test_sdpa_attention_equals_local(groups: ParallelGroups, dtype: torch.dtype)
         # Summed over 48 positions: fp32 rounding of the two orders of summation, relative to the largest entry.
         scale = float(q.grad.abs().max())
         assert float((p.grad - q.grad).abs().max()) <= 1e-5 * scale, (name, scale)
+
+
+def test_attention_benchmark_quick(groups: ParallelGroups, tmp_path) -> None:
+    """bench/attention.py --quick, in this process: both kinds timed, the markdown section written."""
+    spec = importlib.util.spec_from_file_location("bench_attention", ROOT / "bench" / "attention.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    md = tmp_path / "BENCH.md"
+    assert bench.main(["--quick", "--out", str(tmp_path / "a.json"), "--markdown", str(md)]) == 0
+    (row,) = json.loads((tmp_path / "a.json").read_text())["rows"]
+    assert row["seq_len"] == 32 and row["local_s"] > 0 and row["sdpa_s"] > 0
+    assert "| 32 |" in md.read_text() and "sdpa / local" in md.read_text()
