@@ -18,11 +18,12 @@ from cpmtp_dist.config import Config, CPHeadConfig, ModelConfig, TrunkConfig
 from cpmtp_dist.inference import sampling as sampling_mod
 from cpmtp_dist.inference.bench import bench_decode, first_difference
 from cpmtp_dist.inference.decoding import Decoder
-from cpmtp_dist.inference.generate import inference_dtype, resolve_device
+from cpmtp_dist.inference.generate import resolve_device
 from cpmtp_dist.inference.kv_cache import KVCache
 from cpmtp_dist.inference.sampling import Sampling, accept_or_resample
 from cpmtp_dist.model.cp_model import CPModel
 from cpmtp_dist.parallel.state import initialize_parallel
+from cpmtp_dist.training.trainer import training_dtype
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -297,10 +298,10 @@ def test_device_choice_and_dtype_for_decoding(monkeypatch):
         ValueError, match=r"--device cuda: no CUDA device is visible to torch; use --device cpu"
     ):
         resolve_device("cuda")
-    assert inference_dtype(cfg, torch.device("cpu")) == torch.float32  # train.precision=auto
-    assert inference_dtype(cfg, torch.device("cuda", 0)) == torch.bfloat16
+    assert training_dtype(cfg, torch.device("cpu")) == torch.float32  # train.precision=auto
+    assert training_dtype(cfg, torch.device("cuda", 0)) == torch.bfloat16
     cfg.train.precision = "fp32"
-    assert inference_dtype(cfg, torch.device("cuda", 0)) == torch.float32
+    assert training_dtype(cfg, torch.device("cuda", 0)) == torch.float32
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     assert resolve_device("auto") == resolve_device("cuda") == torch.device("cuda", 1)

@@ -18,6 +18,7 @@ from cpmtp_dist.data.tokenizer import Tokenizer, load_tokenizer
 from cpmtp_dist.model.cp_model import CPModel
 from cpmtp_dist.parallel.state import initialize_parallel
 from cpmtp_dist.training.checkpoint import latest_checkpoint, read_model_state
+from cpmtp_dist.training.trainer import training_dtype
 
 
 @dataclass
@@ -46,26 +47,18 @@ def resolve_device(choice: str) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
 
 
-def inference_dtype(cfg: Config, device: torch.device) -> torch.dtype:
-    """The training dtype of `cfg` on `device`: `train.precision`, where auto is bf16 on GPUs, fp32 on CPUs."""
-    precision = cfg.train.precision
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    return torch.bfloat16 if precision == "bf16" else torch.float32
-
-
 def load_for_inference(
     path: Path, device: torch.device | None = None, dtype: torch.dtype | None = None
 ) -> LoadedModel:
     """Load a checkpoint folder (or a run's `checkpoints/` folder, taking the newest) into one process, on
-    `device` (default: the CPU) in `dtype` (default: the training dtype there, `inference_dtype`)."""
+    `device` (default: the CPU) in `dtype` (default: the training dtype there, `training_dtype`)."""
     ckpt = latest_checkpoint(Path(path))
     if ckpt is None:
         raise FileNotFoundError(f"{path} holds no complete checkpoint (a folder with meta.json and state/)")
     cfg = load_config(ckpt / "config.yaml")
     initialize_parallel(1, 1, 1, seed=cfg.train.seed)
     device = device or torch.device("cpu")
-    dtype = dtype or inference_dtype(cfg, device)
+    dtype = dtype or training_dtype(cfg, device)
     model = CPModel(cfg.model, params_dtype=dtype).to(device)
     result = model.load_state_dict(read_model_state(ckpt), strict=False)
     params = {name for name, _ in model.named_parameters()}

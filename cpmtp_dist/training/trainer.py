@@ -81,10 +81,15 @@ class TrainResult:
 def resolve_precision(cfg: Config) -> tuple[torch.device, torch.dtype]:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    return device, training_dtype(cfg, device)
+
+
+def training_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    """`train.precision` on `device`: auto is bf16 on GPUs, fp32 on CPUs."""
     precision = cfg.train.precision
     if precision == "auto":
-        precision = "bf16" if cuda else "fp32"
-    return device, torch.bfloat16 if precision == "bf16" else torch.float32
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
 def build_model(
