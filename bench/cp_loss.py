@@ -3,6 +3,12 @@
     python bench/cp_loss.py --out bench/results/cp_loss_cpu.json --markdown docs/BENCHMARKS.md
     python bench/cp_loss.py --device cuda --dtype bf16 --out bench/results/cp_loss_cuda.json
     python bench/cp_loss.py --quick --out /tmp/cp_loss.json          # smoke test
+    python bench/cp_loss.py --scaling --threads 1 --out bench/results/cp_loss_scaling_cpu.json \
+        --markdown docs/BENCHMARKS.md                                  # chunked loss: cost per factor
+
+`--scaling` measures the chunked loss alone for each parameterisation (`shared` + residual phi,
+`shared` + linear phi, `separate`) at d = 1024, V = 8192, 2048 tokens, n*r in {1, 4, 16, 32}: time per
+factor (CPU seconds of the process / n*r) and peak memory above the parameters.
 
 Setting: `shared` parameterisation with the residual phi, one shared unembedding U (V, d) that receives
 gradient, h (N, d) that receives gradient, all N * n targets present. Each n*r is realised by a fixed
@@ -52,6 +58,18 @@ GIB = 2.0**30
 
 FULL = {"tokens": 2048, "vocab": 32000, "hidden": 512, "nr": "1,4,16,32", "repeats": 3}
 QUICK = {"tokens": 512, "vocab": 4000, "hidden": 128, "nr": "1,4", "repeats": 1}
+SCALING = {"tokens": 2048, "vocab": 8192, "hidden": 1024, "nr": "1,4,16,32", "repeats": 2}
+KINDS = {
+    "residual": ("shared", "residual"),
+    "linear": ("shared", "linear"),
+    "separate": ("separate", "residual"),
+}
+"""--scaling's parameterisations: name -> (model.cp.parameterisation, model.cp.phi)."""
+SCALE_BEGIN, SCALE_END = "<!-- cp_loss_scaling:begin -->", "<!-- cp_loss_scaling:end -->"
+PER_FACTOR_TARGET = 1.15
+"""Time per factor at the largest n*r over that at n*r = 1, at most (every parameterisation)."""
+SEPARATE_MEMORY_TARGET = (2.0, 8)
+"""`separate` at the largest n*r: peak above the parameters <= 2 x their size + 8 x one chunk of fp32 logits."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -98,23 +116,29 @@ def run_case(args: argparse.Namespace) -> dict:
     from cpmtp_dist.model.cp_head import CPHead
     from cpmtp_dist.model.cp_loss import chunked_cp_loss, naive_cp_loss
 
-    impl, nr = args.case.split(":")
+    impl, nr, kind = (args.case.split(":") + ["residual"])[:3]
     nr = int(nr)
     n, r = nr_pair(nr)
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     cuda = device.type == "cuda"
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
-    cfg = CPHeadConfig(horizon=n, rank=r, parameterisation="shared", phi="residual")
+    parameterisation, phi = KINDS[kind]
+    cfg = CPHeadConfig(horizon=n, rank=r, parameterisation=parameterisation, phi=phi)
     chunk_tokens = args.chunk_tokens or cfg.chunk_tokens
     head = CPHead(args.hidden, args.vocab, cfg, params_dtype=dtype).to(device)
-    with torch.no_grad():  # make the residual branch non-trivial (W2 is zero-initialised)
-        head.phi_w2.normal_(0.0, 0.02)
+    if parameterisation == "shared" and phi == "residual":
+        with torch.no_grad():  # make the residual branch non-trivial (W2 is zero-initialised)
+            head.phi_w2.normal_(0.0, 0.02)
     unembed = torch.nn.Parameter(torch.randn(args.vocab, args.hidden, device=device, dtype=dtype) * 0.02)
     h = torch.randn(args.tokens, args.hidden, device=device, dtype=dtype).requires_grad_(True)
     targets = torch.randint(0, args.vocab, (args.tokens, n), device=device)
-    params = [*head.parameters(), unembed, h]
+    trained = [*head.parameters()] + ([unembed] if parameterisation == "shared" else [])
+    param_bytes = sum(p.numel() * p.element_size() for p in trained)
+    params = [*trained, h]
 
     def step() -> tuple[float, float, float]:
         for p in params:
@@ -157,7 +181,8 @@ def run_case(args: argparse.Namespace) -> dict:
         peak = torch.cuda.max_memory_allocated(device)
     else:
         peak = peak_rss_bytes()
-    return base_row(args, impl, nr) | {
+    return base_row(args, impl, nr, kind) | {
+        "param_mib": param_bytes / MIB,
         "chunk_tokens": chunk_tokens if impl == "chunked" else None,
         "time_s_median": statistics.median(times),
         "times_s": times,
@@ -176,10 +201,11 @@ def run_case(args: argparse.Namespace) -> dict:
 # the driver
 
 
-def base_row(args: argparse.Namespace, impl: str, nr: int) -> dict:
+def base_row(args: argparse.Namespace, impl: str, nr: int, kind: str = "residual") -> dict:
     n, r = nr_pair(nr)
     return {
         "impl": impl,
+        "kind": kind,
         "n": n,
         "r": r,
         "nr": nr,
@@ -194,21 +220,21 @@ def base_row(args: argparse.Namespace, impl: str, nr: int) -> dict:
     }
 
 
-def spawn_case(args: argparse.Namespace, impl: str, nr: int) -> dict:
+def spawn_case(args: argparse.Namespace, impl: str, nr: int, kind: str = "residual") -> dict:
     cmd = [
         sys.executable,
         str(Path(__file__).resolve()),
         "--case",
-        f"{impl}:{nr}",
+        f"{impl}:{nr}:{kind}",
         *("--tokens", str(args.tokens), "--vocab", str(args.vocab), "--hidden", str(args.hidden)),
         *("--repeats", str(args.repeats), "--device", args.device, "--dtype", args.dtype),
-        *("--chunk-tokens", str(args.chunk_tokens or 0)),
+        *("--chunk-tokens", str(args.chunk_tokens or 0), "--threads", str(args.threads or 0)),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(CASE_PREFIX):
             return json.loads(line[len(CASE_PREFIX) :])
-    row = base_row(args, impl, nr)
+    row = base_row(args, impl, nr, kind)
     tail = (proc.stderr.strip().splitlines() or ["(no stderr)"])[-1]
     row["error"] = f"case process exited with {proc.returncode}: {tail}"
     return row
@@ -300,9 +326,105 @@ def markdown(rows: list[dict], args: argparse.Namespace, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_markdown(path: Path, section: str) -> None:
-    """Put `section` between this benchmark's markers in `path`."""
-    write_section(path, BEGIN, END, section)
+def scaling_markdown(rows: list[dict], args: argparse.Namespace, command: str) -> str:
+    """The --scaling table: per parameterisation and n*r, time per factor and peak memory above the parameters."""
+    import torch
+
+    def ok(row: dict | None) -> bool:
+        return row is not None and not row.get("error")
+
+    by = {(row["kind"], row["nr"]): row for row in rows}
+    kinds = [k for k in KINDS if any(row["kind"] == k for row in rows)]
+    nrs = sorted({row["nr"] for row in rows})
+    chunk = next((row["chunk_tokens"] for row in rows if ok(row)), None)
+    logits_mib = 4 * min(chunk or args.tokens, args.tokens) * args.vocab / MIB
+    lines = [
+        "## CP loss: the chunked loss's cost per factor (forward + backward)",
+        "",
+        f"N = {args.tokens} tokens, V = {args.vocab}, d = {args.hidden}, {args.device} {args.dtype}, "
+        f"chunk_tokens = {chunk}, {args.threads or 'default'} intra-op thread(s); h, the head and (for `shared`) "
+        "the unembedding receive gradient. Time per factor = CPU seconds of the process per forward + backward "
+        f"(median of {args.repeats} after one warm-up) / n·r. Peak above parameters = peak RSS minus the RSS "
+        "after building inputs and parameters (one process per case). One chunk of fp32 logits is "
+        f"{logits_mib:.0f} MiB.",
+        "",
+        "| parameterisation | n·r | (n, r) | time (s) | time per factor (s) | per factor / per factor at n·r=1 "
+        "| trained head parameters (MiB) | peak above parameters (MiB) |",
+        "|:---|---:|:---:|---:|---:|---:|---:|---:|",
+    ]
+    targets = []
+    for kind in kinds:
+        base = by.get((kind, 1))
+        base_pf = base["cpu_s_median"] / 1 if ok(base) else None
+        for nr in nrs:
+            row = by.get((kind, nr))
+            if not ok(row):
+                lines.append(f"| {kind} | {nr} | — | {row['error'] if row else '—'} | — | — | — | — |")
+                continue
+            pf = row["cpu_s_median"] / nr
+            rel = fmt(pf / base_pf, ".2f") if base_pf else "—"
+            lines.append(
+                f"| {kind} | {nr} | ({row['n']}, {row['r']}) | {row['cpu_s_median']:.2f} | {pf:.3f} | {rel} "
+                f"| {row['param_mib']:.0f} | {row['peak_mib']:.0f} |"
+            )
+        top = by.get((kind, max(nrs)))
+        if base_pf and ok(top) and max(nrs) > 1:
+            q = top["cpu_s_median"] / max(nrs) / base_pf
+            verdict = "PASS" if q <= PER_FACTOR_TARGET else "FAIL"
+            targets.append(
+                f"- {kind}: time per factor at n·r={max(nrs)} ≤ {PER_FACTOR_TARGET}× n·r=1 — {verdict}: {q:.2f}×."
+            )
+        if kind == "separate" and ok(top):
+            times, chunks = SEPARATE_MEMORY_TARGET
+            bound = times * top["param_mib"] + chunks * logits_mib
+            verdict = "PASS" if top["peak_mib"] <= bound else "FAIL"
+            targets.append(
+                f"- separate: peak above parameters at n·r={max(nrs)} ≤ {times:g} × parameters + {chunks} chunks "
+                f"of logits = {bound:.0f} MiB — {verdict}: {top['peak_mib']:.0f} MiB "
+                f"({top['peak_mib'] / top['param_mib']:.2f} × parameters)."
+            )
+    loads = [row["loadavg_1min"] for row in rows if row.get("loadavg_1min") is not None]
+    load = f", 1-min load average {min(loads):.1f}–{max(loads):.1f} at the end of the cases" if loads else ""
+    lines += [
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Machine: nproc = {os.cpu_count()}, {platform.machine()} {platform.system()}, torch {torch.__version__}, "
+        f"device {args.device}{load}.",
+        "",
+        "Targets:",
+        *targets,
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(path: Path, section: str, scaling: bool = False) -> None:
+    """Put `section` between this benchmark's markers (those of --scaling's table) in `path`."""
+    write_section(path, *((SCALE_BEGIN, SCALE_END) if scaling else (BEGIN, END)), section)
+
+
+def run_cases(args: argparse.Namespace, cases: list[tuple[str, int, str]]) -> list[dict]:
+    """Each (impl, n*r, parameterisation) in its own process; rows written to --out after each case."""
+    rows: list[dict] = []
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for impl, nr, kind in cases:
+        est = naive_estimate_gib(args.tokens, nr, args.vocab)
+        if impl == "naive" and est > args.max_naive_gib:
+            row = base_row(args, impl, nr, kind)
+            row["skipped"] = f"estimated {est:.3g} GiB > budget {args.max_naive_gib:g} GiB"
+        else:
+            t0 = time.perf_counter()
+            row = spawn_case(args, impl, nr, kind)
+            row["case_wall_s"] = time.perf_counter() - t0
+        rows.append(row)
+        status = (
+            row.get("skipped")
+            or row.get("error")
+            or (f"{row['time_s_median']:.3f} s, peak {row['peak_mib']:.0f} MiB")
+        )
+        print(f"  {impl:8s} {kind:9s} n*r={nr:<3d} (n={row['n']}, r={row['r']}): {status}", flush=True)
+        args.out.write_text(json.dumps(rows, indent=2) + "\n")  # partial results survive a crash
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -316,6 +438,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--chunk-tokens", type=int, default=0, help="chunked loss rows per chunk (0: config default)"
     )
+    p.add_argument(
+        "--threads", type=int, default=0, help="torch intra-op threads per case (0: torch's default)"
+    )
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument(
         "--dtype", choices=["fp32", "bf16"], default=None, help="fp32 on cpu, bf16 on cuda by default"
@@ -324,9 +449,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--impls", default="naive,chunked", help=argparse.SUPPRESS)
     p.add_argument("--markdown", type=Path, help="write the table between cp_loss markers in this file")
     p.add_argument("--quick", action="store_true", help="small smoke-test sizes: " + json.dumps(QUICK))
+    p.add_argument(
+        "--scaling", action="store_true", help="the chunked loss per parameterisation: " + json.dumps(SCALING)
+    )
     p.add_argument("--case", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    for key, value in (QUICK if args.quick else FULL).items():
+    for key, value in (QUICK if args.quick else SCALING if args.scaling else FULL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.dtype is None:
@@ -344,32 +472,16 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"(n, r) per n*r: {', '.join(f'{nr}=({nr_pair(nr)[0]}, {nr_pair(nr)[1]})' for nr in nrs)}", flush=True
     )
-    rows: list[dict] = []
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    for nr in nrs:
-        for impl in args.impls.split(","):
-            est = naive_estimate_gib(args.tokens, nr, args.vocab)
-            if impl == "naive" and est > args.max_naive_gib:
-                row = base_row(args, impl, nr)
-                row["skipped"] = f"estimated {est:.3g} GiB > budget {args.max_naive_gib:g} GiB"
-            else:
-                t0 = time.perf_counter()
-                row = spawn_case(args, impl, nr)
-                row["case_wall_s"] = time.perf_counter() - t0
-            rows.append(row)
-            status = (
-                row.get("skipped")
-                or row.get("error")
-                or (f"{row['time_s_median']:.3f} s, peak {row['peak_mib']:.0f} MiB")
-            )
-            print(f"  {impl:8s} n*r={nr:<3d} (n={row['n']}, r={row['r']}): {status}", flush=True)
-            args.out.write_text(json.dumps(rows, indent=2) + "\n")  # partial results survive a crash
-
-    section = markdown(rows, args, command)
+    if args.scaling:
+        rows = run_cases(args, [("chunked", nr, kind) for kind in KINDS for nr in nrs])
+        section = scaling_markdown(rows, args, command)
+    else:
+        rows = run_cases(args, [(impl, nr, "residual") for nr in nrs for impl in args.impls.split(",")])
+        section = markdown(rows, args, command)
     print()
     print(section)
     if args.markdown:
-        write_markdown(args.markdown, section)
+        write_markdown(args.markdown, section, scaling=args.scaling)
     return 0
 
 

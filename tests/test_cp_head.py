@@ -147,8 +147,10 @@ def _grads(head, unembed, trunk, x, targets, impl, **kw):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("chunk", [3, 64])
-def test_chunked_equals_naive_in_value_and_gradients(kind, chunk):
+@pytest.mark.parametrize("chunk,group", [(3, None), (64, None), (3, 3)])
+def test_chunked_equals_naive_in_value_and_gradients(kind, chunk, group):
+    # group: components whose `shared` features are computed together (None: one here, since V < d + hid;
+    # 3 of r = 4: a group of 3 and one of 1).
     v, n, r = 11, 3, 4
     head, unembed = make_head(v, n, r, kind)
     unembed.requires_grad_(True)
@@ -160,7 +162,7 @@ def test_chunked_equals_naive_in_value_and_gradients(kind, chunk):
     targets[0, 3, 0] = IGNORE_INDEX  # a masked label in the middle
     ref_out, ref = _grads(head, unembed, trunk, x, targets, naive_cp_loss, with_accuracy=True)
     out, got = _grads(
-        head, unembed, trunk, x, targets, chunked_cp_loss, chunk_tokens=chunk, with_accuracy=True
+        head, unembed, trunk, x, targets, chunked_cp_loss, chunk_tokens=chunk, with_accuracy=True, group=group
     )
     torch.testing.assert_close(out.loss_sum, ref_out.loss_sum, rtol=0, atol=1e-10)
     assert got.keys() == ref.keys()

@@ -27,7 +27,8 @@ HEADS = {
 
 class MatmulFlops(TorchDispatchMode):
     """Counts 2·m·k·n for every matrix product that runs (mm, addmm, bmm, baddbmm: what linear layers, the local
-    attention's scores and values and einsums lower to), forward and backward alike. The CPU's fused attention
+    attention's scores and values and einsums lower to; addmm_: the chunked loss's gradient accumulation),
+    forward and backward alike. The CPU's fused attention
     kernel is charged as the matrix products it stands for: q kᵀ and p v forward (2 · 2·b·h·sq·sk·d), twice that
     backward (dv, dp, dq, dk), the convention of torch's own flop counter."""
 
@@ -43,7 +44,7 @@ class MatmulFlops(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         packet = func.overloadpacket
-        if packet in (aten.mm, aten.bmm, aten.addmm, aten.baddbmm):
+        if packet in (aten.mm, aten.bmm, aten.addmm, aten.addmm_, aten.baddbmm):
             a, b = args[-2:] if packet in (aten.mm, aten.bmm) else args[1:3]
             self.total += 2 * math.prod(a.shape) * b.shape[-1]
         elif packet in self.SDPA:

@@ -164,14 +164,24 @@ class CPHead(nn.Module):
     def features_at(self, h: Tensor, positions: slice) -> Tensor:
         """phi_{a,s}(h) of a `shared` head for every local component a and the head positions s in
         `positions`, as a few large products: (N, d) -> (N, r_local, p, d)."""
+        return self.phi(h, {k: p[:, positions] for k, p in self.component_weights().items()})
+
+    def component_weights(self) -> dict[str, Tensor]:
+        """The per-component tensors by parameter name (leading dimensions: local component, head position)."""
+        return {k: p for k, p in self.named_parameters() if not k.startswith("gate.")}
+
+    def phi(self, h: Tensor, weights: dict[str, Tensor]) -> Tensor:
+        """phi(h) of a `shared` head under weights with any leading dimensions L (slices of
+        `component_weights()`, e.g. [a0:a1, s]), as a few large products: (N, d) -> (N, *L, d)."""
         rows, d = h.shape
         if self.phi_kind == "residual":
-            w1, w2 = self.phi_w1[:, positions], self.phi_w2[:, positions]  # (r, p, hid, d), (r, p, d, hid)
-            r, p, hid, _ = w1.shape
-            z = F.silu(h @ w1.reshape(r * p * hid, d).t())  # (N, r p hid)
-            z = z.view(rows, r * p, hid).transpose(0, 1)  # (r p, N, hid)
-            out = torch.bmm(z, w2.reshape(r * p, d, hid).transpose(1, 2))  # (r p, N, d)
-            return h[:, None, None, :] + out.transpose(0, 1).reshape(rows, r, p, d)
-        w = self.phi_weight[:, positions]  # (r, p, d, d)
-        r, p = w.shape[:2]
-        return (h @ w.reshape(r * p * d, d).t()).view(rows, r, p, d)
+            w1, w2 = weights["phi_w1"], weights["phi_w2"]  # (*L, hid, d), (*L, d, hid)
+            lead, hid = w1.shape[:-2], w1.shape[-2]
+            k = w1[..., 0, 0].numel()
+            z = F.silu(h @ w1.reshape(k * hid, d).t())  # (N, k hid)
+            z = z.view(rows, k, hid).transpose(0, 1)  # (k, N, hid)
+            out = torch.bmm(z, w2.reshape(k, d, hid).transpose(1, 2))  # (k, N, d)
+            return (h.unsqueeze(1) + out.transpose(0, 1)).reshape(rows, *lead, d)
+        w = weights["phi_weight"]  # (*L, d, d)
+        lead, k = w.shape[:-2], w[..., 0, 0].numel()
+        return (h @ w.reshape(k * d, d).t()).view(rows, *lead, d)

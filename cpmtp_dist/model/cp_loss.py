@@ -132,12 +132,25 @@ class _ChunkedCPLoss(torch.autograd.Function):
     through autograd (and hence through DeepSpeed's gradient hooks), not by writing `.grad`.
     `vocab` is the vocabulary slice of this rank's unembeddings and `experts` its components (all of
     both on one device). Under expert parallelism the rows are those of the whole ep group (gathered),
-    while the loss and statistics returned are this rank's own rows.
+    while the loss and statistics returned are this rank's own rows. `group` is how many components'
+    features are computed together (None: as many as fit in about one chunk of logits).
     """
 
     @staticmethod
     def forward(
-        ctx, head, names, targets, vocab, experts, chunk_tokens, with_accuracy, stats, h, unembed, *params
+        ctx,
+        head,
+        names,
+        targets,
+        vocab,
+        experts,
+        chunk_tokens,
+        with_accuracy,
+        group,
+        stats,
+        h,
+        unembed,
+        *params,
     ):
         n_own = h.shape[0]
         own = experts.own_rows(n_own)
@@ -150,18 +163,23 @@ class _ChunkedCPLoss(torch.autograd.Function):
         lse = torch.empty(n_rows, r_loc, n, dtype=ldt, device=h.device)  # log-normalisers, reused in backward
         hits = torch.zeros(n_rows, n, dtype=torch.bool, device=h.device)  # argmax of the s-th marginal right
         tgt = targets_all.clamp_min(0)
+        weights = dict(zip(names, params, strict=True))
+        groups = _component_groups(head, h, unembed, group)
         for rows in _chunks(n_rows, chunk_tokens):
             hc = h_all[rows]
             log_w[rows] = head.gate_log_weights(hc)
             for s in range(n):
                 mix = None  # (rows, V_local): the s-th marginal, only for accuracy
-                for a in range(r_loc):
-                    logits = upcast(head.factor_logits(hc, a, s, unembed))  # (rows, V_local)
-                    lse[rows, a, s] = z = vocab.logsumexp(logits)
-                    target_logp[rows, a, s] = vocab.target_logit(logits, tgt[rows, s]) - z
-                    if with_accuracy:
-                        term = logits.sub_(z.unsqueeze(-1)).add_(log_w[rows, c0 + a : c0 + a + 1]).exp_()
-                        mix = term if mix is None else mix.add_(term)
+                for comps in groups:
+                    z = _group_features(head, hc, weights, comps, s)  # (rows, k, d)
+                    for j, a in enumerate(range(comps.start, comps.stop)):
+                        u = _factor_unembedding(head, weights, unembed, a, s)  # (V_local, d)
+                        logits = upcast(z[:, j] @ u.t())  # (rows, V_local)
+                        lse[rows, a, s] = lz = vocab.logsumexp(logits)
+                        target_logp[rows, a, s] = vocab.target_logit(logits, tgt[rows, s]) - lz
+                        if with_accuracy:
+                            term = logits.sub_(lz.unsqueeze(-1)).add_(log_w[rows, c0 + a : c0 + a + 1]).exp_()
+                            mix = term if mix is None else mix.add_(term)
                 if with_accuracy:
                     # Metrics only (log steps): the mixture over components needs an (rows, V_local) sum.
                     mix = experts.all_reduce_(mix)
@@ -176,7 +194,7 @@ class _ChunkedCPLoss(torch.autograd.Function):
             vocab,
             experts,
         )
-        ctx.n_own, ctx.h_requires_grad = n_own, h.requires_grad
+        ctx.n_own, ctx.h_requires_grad, ctx.groups = n_own, h.requires_grad, groups
         ctx.save_for_backward(h_all, unembed, targets_all, gamma, lse, *params)
         log_w, ell, gamma_own = log_w[own], ell[own], gamma[own]
         ctx.mark_non_differentiable(ell, gamma_own, log_w)
@@ -189,86 +207,151 @@ class _ChunkedCPLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, _g_logw, _g_ell, _g_gamma):
         h_all, unembed, targets, gamma, lse, *params = ctx.saved_tensors
         head, names, vocab, experts, n_own = ctx.head, ctx.names, ctx.vocab, ctx.experts, ctx.n_own
-        own, c0 = experts.own_rows(n_own), head.component_start
-        valid = targets != IGNORE_INDEX
-        tgt = targets.clamp_min(0)
-        # Fresh leaves: the recomputation differentiates w.r.t. these and hands the result back.
-        leaves = {k: p.detach().requires_grad_(p.requires_grad) for k, p in zip(names, params, strict=True)}
-        u_leaf = None if unembed is None else unembed.detach().requires_grad_(unembed.requires_grad)
-        wrt = [leaves[k] for k in names if leaves[k].requires_grad]
-        wrt_u = [u_leaf] if u_leaf is not None and u_leaf.requires_grad else []
-        need_h = ctx.h_requires_grad
+        own, need_h = experts.own_rows(n_own), ctx.h_requires_grad
+        weights = {k: p.detach() for k, p in zip(names, params, strict=True)}
+        # fp32 accumulators of what receives gradient; each factor adds into its own slice.
+        acc = {k: torch.zeros_like(upcast(p)) for k, p in zip(names, params, strict=True) if p.requires_grad}
+        if unembed is not None and unembed.requires_grad:
+            acc["<shared unembedding>"] = torch.zeros_like(upcast(unembed))
         grad_h_all = torch.zeros_like(upcast(h_all)) if need_h else None  # factors: every gathered row
-        acc = {id(p): torch.zeros_like(upcast(p)) for p in wrt + wrt_u}
         # Rows of peer k belong to peer k's loss, which received peer k's upstream gradient.
         upstream = experts.gather_rows(grad_loss.reshape(1).to(gamma.dtype)).repeat_interleave(n_own)
         scale = gamma * upstream.unsqueeze(-1)  # (N_all, r): d loss / d log w_a and d log P_a^(s)
-
-        def accumulate(out: Tensor, grad_out: Tensor, inputs: list[Tensor]) -> list[Tensor | None]:
-            """Back-propagate grad_out from out; add parameter gradients to `acc`, return the others."""
-            grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
-            rest = []
-            for x, g in zip(inputs, grads, strict=True):
-                if id(x) in acc:
-                    if g is not None:
-                        acc[id(x)] += upcast(g)
-                else:
-                    rest.append(g)
-            return rest
-
-        def add(buf: Tensor | None, rows: slice, g: list[Tensor | None]) -> None:
-            if buf is not None and g and g[0] is not None:
-                buf[rows] += upcast(g[0])
-
-        # The components: every gathered row, this rank's components.
+        back = _FactorBackward(head, weights, unembed, acc, vocab, lse, targets, scale)
         for rows in _chunks(h_all.shape[0], ctx.chunk_tokens):
-            hc = h_all[rows].detach().requires_grad_(need_h)
-            first = [hc] if need_h else []
-            for s in range(head.horizon):
-                for a in range(head.num_local_components):
-                    with torch.enable_grad():
-                        z = _call(head, leaves, "features", hc, a, s)  # (rows, d)
-                        # The features' gradient only when something below needs it (a frozen trunk under
-                        # a separate head needs none: that would be 2·V·d FLOPs per token and factor for nothing).
-                        z_leaf = z.detach().requires_grad_(z.requires_grad)
-                        w = _call(head, leaves, "unembedding", a, s, u_leaf)  # (V_local, d)
-                        logits = z_leaf @ w.t()  # (rows, V_local)
-                    with torch.no_grad():
-                        # d(-gamma log softmax(logits)[x]) / d logits = gamma * (softmax - onehot(x)),
-                        # dropped where the target is missing.
-                        g = upcast(logits).sub_(lse[rows, a, s].unsqueeze(-1)).exp_()
-                        vocab.subtract_onehot_(g, tgt[rows, s])
-                        g *= (scale[rows, c0 + a] * valid[rows, s]).unsqueeze(-1)
-                    feature = [z_leaf] if z.requires_grad else []
-                    grad_z = accumulate(logits, g.to(logits.dtype), feature + wrt + wrt_u)
-                    # Under tp this is one vocabulary shard's partial sum. Everything computed from it
-                    # (the gradients of h and of phi) is linear in it, so those are summed over the
-                    # shards once at the end: O(tokens * d + |phi|) per step instead of per factor.
-                    if z.requires_grad:
-                        add(grad_h_all, rows, accumulate(z, grad_z[0], first + wrt))
+            back.chunk(rows, h_all[rows], None if grad_h_all is None else grad_h_all[rows], ctx.groups)
+        # Under tp the feature gradients are one vocabulary shard's partial sums. Everything computed from
+        # them (the gradients of h and of phi) is linear in them, so those are summed over the shards once
+        # here: O(tokens * d + |phi|) per step instead of per factor.
         if vocab.world > 1:
             if need_h:
                 vocab.all_reduce_(grad_h_all)
-            for k in names:
-                if not k.startswith("gate.") and k != "unembed" and id(leaves[k]) in acc:
-                    vocab.all_reduce_(acc[id(leaves[k])])  # phi: fed by the partial feature gradients
+            for k in acc:
+                if k.startswith("phi_"):
+                    vocab.all_reduce_(acc[k])
         grad_h = experts.sum_to_owner(grad_h_all, n_own) if need_h else None
 
         # The gate (replicated): this rank's own rows.  d(-sum_a gamma_a log w_a) / d log w = -gamma
+        leaves = {k: p.requires_grad_(k in acc) for k, p in weights.items()}
+        gate = [k for k in leaves if k.startswith("gate.") and k in acc]
         h_own = h_all[own]
-        for rows in _chunks(n_own, ctx.chunk_tokens):
+        for rows in _chunks(n_own, ctx.chunk_tokens) if need_h or gate else []:
             hc = h_own[rows].detach().requires_grad_(need_h)
             with torch.enable_grad():
                 log_w = _call(head, leaves, "gate_log_weights", hc)  # (rows, r)
-            add(grad_h, rows, accumulate(log_w, -scale[own][rows], ([hc] if need_h else []) + wrt))
+            grads = list(
+                torch.autograd.grad(log_w, [hc] * need_h + [leaves[k] for k in gate], -scale[own][rows])
+            )
+            if need_h:
+                grad_h[rows] += upcast(grads.pop(0))
+            for k, g in zip(gate, grads, strict=True):
+                acc[k] += upcast(g)
 
-        grad_params = [
-            acc[id(leaves[k])].to(p.dtype) if p.requires_grad else None
-            for k, p in zip(names, params, strict=True)
-        ]
-        grad_u = acc[id(u_leaf)].to(unembed.dtype) if wrt_u else None
+        grad_params = [acc[k].to(p.dtype) if k in acc else None for k, p in zip(names, params, strict=True)]
+        grad_u = acc["<shared unembedding>"].to(unembed.dtype) if "<shared unembedding>" in acc else None
         grad_h = None if grad_h is None else grad_h.to(h_all.dtype)
-        return (None, None, None, None, None, None, None, None, grad_h, grad_u, *grad_params)
+        return (None, None, None, None, None, None, None, None, None, grad_h, grad_u, *grad_params)
+
+
+def _component_groups(head: CPHead, h: Tensor, unembed: Tensor | None, group: int | None) -> list[slice]:
+    """The local components cut into groups whose features are computed together: one each under
+    `separate` (its features are h), else `group`, by default as many as keep a group's features and
+    their activations, (rows, k, 2d + 2 hid), within about one chunk of logits (rows, V_local)."""
+    r_loc = head.num_local_components
+    if head.parameterisation == "separate":
+        group = 1
+    elif group is None:
+        hid = head.phi_w1.shape[2] if head.phi_kind == "residual" else 0
+        group = (unembed.shape[0] if unembed is not None else head.vocab_size) // (h.shape[-1] + hid)
+    group = max(1, min(group, r_loc))
+    return [slice(a, min(a + group, r_loc)) for a in range(0, r_loc, group)]
+
+
+def _group_features(head: CPHead, hc: Tensor, weights: dict[str, Tensor], comps: slice, s: int) -> Tensor:
+    """phi_{a,s}(hc) for the local components a in `comps`: (rows, d) -> (rows, k, d); h itself under
+    `separate` (one component per group)."""
+    if head.parameterisation == "separate":
+        return hc.unsqueeze(1)
+    return head.phi(hc, {k: w[comps, s] for k, w in weights.items() if not k.startswith("gate.")})
+
+
+def _factor_unembedding(
+    head: CPHead, weights: dict[str, Tensor], unembed: Tensor | None, a: int, s: int
+) -> Tensor:
+    """The (V_local, d) unembedding of factor (a, s): U_a^(s) under `separate`, else the shared U."""
+    return weights["unembed"][a, s] if head.parameterisation == "separate" else unembed
+
+
+def _addmm_(acc: Tensor, x: Tensor, y: Tensor) -> None:
+    """acc += x @ y in place (fused when the dtypes agree; else the product in x's dtype, upcast)."""
+    if x.dtype == acc.dtype:
+        acc.addmm_(x, y)
+    else:
+        acc += upcast(x @ y)
+
+
+class _FactorBackward:
+    """The components' part of the chunked loss's backward, one chunk of rows at a time.
+
+    Per factor (a, s), logits = phi_{a,s}(h) @ U^T receive the closed-form gradient
+    g = gamma_a * (softmax - onehot(x_{t+s})) (zero where the target is missing); then
+    dU += g^T phi (into U_a^(s)'s own slice under `separate`) and dphi = g U. The features of a group
+    of components are differentiated with autograd once per group, with respect to h and the group's
+    slices of the phi weights only: no tensor of the size of all components is formed per factor.
+    """
+
+    def __init__(self, head, weights, unembed, acc, vocab, lse, targets, scale) -> None:
+        self.head, self.weights, self.acc, self.vocab = head, weights, acc, vocab
+        self.unembed = None if unembed is None else unembed.detach()
+        self.lse, self.targets, self.scale = lse, targets, scale  # (N, r_loc, n), (N, n), (N, r)
+
+    def logit_grad(self, logits: Tensor, rows: slice, a: int, s: int) -> Tensor:
+        """d(-gamma log softmax(logits)[x]) / d logits = gamma * (softmax - onehot(x)), fp32."""
+        g = upcast(logits).sub_(self.lse[rows, a, s].unsqueeze(-1)).exp_()
+        tgt = self.targets[rows, s]
+        self.vocab.subtract_onehot_(g, tgt.clamp_min(0))
+        g *= (self.scale[rows, self.head.component_start + a] * (tgt != IGNORE_INDEX)).unsqueeze(-1)
+        return g
+
+    def chunk(self, rows: slice, hc: Tensor, grad_h: Tensor | None, groups: list[slice]) -> None:
+        """Add the chunk's gradients into the accumulators and into grad_h (the chunk's rows, fp32)."""
+        separate = self.head.parameterisation == "separate"
+        for s in range(self.head.horizon):
+            for comps in groups:
+                if separate:  # features = h: its gradient is g U, added straight into grad_h
+                    for a in range(comps.start, comps.stop):
+                        self.factor(rows, a, s, hc, self.weights["unembed"][a, s], "unembed", grad_h)
+                    continue
+                leaves = {
+                    k: w[comps, s].detach().requires_grad_(k in self.acc)
+                    for k, w in self.weights.items()
+                    if k.startswith("phi_")
+                }
+                hl = hc.detach().requires_grad_(grad_h is not None)
+                inputs = [x for x in (hl, *leaves.values()) if x.requires_grad]
+                with torch.enable_grad():
+                    z = self.head.phi(hl, leaves)  # (rows, k, d)
+                grad_z = torch.zeros_like(z) if inputs else None
+                for j, a in enumerate(range(comps.start, comps.stop)):
+                    out = None if grad_z is None else grad_z[:, j]
+                    self.factor(rows, a, s, z[:, j].detach(), self.unembed, "<shared unembedding>", out)
+                if not inputs:
+                    continue
+                grads = list(torch.autograd.grad(z, inputs, grad_z))
+                if grad_h is not None:
+                    grad_h += upcast(grads.pop(0))
+                for k, g in zip([k for k, x in leaves.items() if x.requires_grad], grads, strict=True):
+                    self.acc[k][comps, s] += upcast(g)
+
+    @torch.no_grad()
+    def factor(self, rows: slice, a: int, s: int, z: Tensor, u: Tensor, u_key: str, grad_z: Tensor | None):
+        """One factor: dU += g^T z into U's accumulator (its (a, s) slice under `separate`) and
+        grad_z += g U, where g is the gradient of logits = z U^T (computed in U's dtype, as the forward)."""
+        g = self.logit_grad(z @ u.t(), rows, a, s).to(u.dtype)  # (rows, V_local)
+        if u_key in self.acc:
+            _addmm_(self.acc[u_key][a, s] if u_key == "unembed" else self.acc[u_key], g.t(), z)
+        if grad_z is not None:
+            _addmm_(grad_z, g, u)
 
 
 class _Method(torch.nn.Module):
@@ -299,12 +382,14 @@ def chunked_cp_loss(
     with_accuracy: bool = False,
     vocab: VocabShard = LOCAL,
     experts: ExpertShard = LOCAL_EXPERTS,
+    group: int | None = None,
 ) -> CPLossOutput:
     """Exact CP loss whose peak logit memory is (chunk_tokens, V_local); same values and gradients as
     `naive_cp_loss`.  h: (..., d); targets: (..., n). Under tensor parallelism the unembeddings hold
     the vocabulary slice `vocab` and the loss is vocabulary-parallel; under expert parallelism the head
     holds the components of `experts` and the ep group's rows are scored together (see
-    `parallel/experts.py`)."""
+    `parallel/experts.py`). `group`: components whose `shared` features are computed together (None:
+    as many as fit in about one chunk of logits)."""
     h, targets = _check_inputs(head, h, targets)
     names, params = zip(*head.named_parameters(), strict=True)
     if head.parameterisation == "separate":
@@ -318,6 +403,7 @@ def chunked_cp_loss(
         experts,
         chunk_tokens,
         with_accuracy,
+        group,
         stats,
         h,
         shared_unembedding,
