@@ -99,3 +99,32 @@ def test_nr_pairs() -> None:
 def test_requires_out() -> None:
     proc = subprocess.run([sys.executable, str(SCRIPT), "--quick"], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode != 0 and "--out" in proc.stderr
+
+
+def test_scaling_cases_and_table_in_process(tmp_path: Path) -> None:
+    """--scaling's cases (every parameterisation) and its table, at tiny sizes in this process (the subprocess
+    per case is covered by the quick run above)."""
+    import argparse
+
+    bench = load_bench()
+    args = argparse.Namespace(
+        tokens=64, vocab=96, hidden=16, repeats=1, device="cpu", dtype="fp32", chunk_tokens=32, threads=0
+    )
+    rows = []
+    for kind in bench.KINDS:
+        for nr in (1, 4):
+            args.case = f"chunked:{nr}:{kind}"
+            rows.append(bench.run_case(args))
+    assert [(row["kind"], row["nr"]) for row in rows] == [(k, nr) for k in bench.KINDS for nr in (1, 4)]
+    for row in rows:
+        assert row["cpu_s_median"] > 0 and row["param_mib"] > 0 and row["chunk_tokens"] == 32
+    # `separate` trains r·n unembeddings of V × d (and no shared one): 4 × 96 × 16 fp32 at n·r = 4.
+    sep4 = next(row for row in rows if row["kind"] == "separate" and row["nr"] == 4)
+    assert sep4["param_mib"] * bench.MIB == 4 * 96 * 16 * 4 + (16 * 2 + 2) * 4  # + the gate
+    args.nr, args.out = "1,4", tmp_path / "rows.json"
+    text = bench.scaling_markdown(rows, args, "python bench/cp_loss.py --scaling")
+    assert text.count("| separate |") == 2 and "time per factor at n·r=4 ≤ 1.15× n·r=1" in text
+    assert "separate: peak above parameters at n·r=4" in text
+    md = tmp_path / "B.md"
+    bench.write_markdown(md, "table\n", scaling=True)
+    assert bench.SCALE_BEGIN in md.read_text() and bench.BEGIN not in md.read_text()
