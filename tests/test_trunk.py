@@ -283,3 +283,28 @@ def test_attention_benchmark_quick(groups: ParallelGroups, tmp_path) -> None:
     (row,) = json.loads((tmp_path / "a.json").read_text())["rows"]
     assert row["seq_len"] == 32 and row["local_s"] > 0 and row["sdpa_s"] > 0
     assert "| 32 |" in md.read_text() and "sdpa / local" in md.read_text()
+
+
+def test_attention_choice_resolves_te_then_sdpa(groups: ParallelGroups, monkeypatch) -> None:
+    """model.trunk.attention: `te` without Transformer Engine or CUDA is refused with the reason before anything
+    is built; `auto` is te where it can run, else sdpa; the KV-cache decoder builds sdpa for te and auto."""
+    from cpmtp_dist.model import attention
+
+    why = attention.te_unavailable()
+    assert why is not None  # no GPU here (and the gpu-marked tests cover CUDA)
+    with pytest.raises(ValueError, match=r"model.trunk.attention='te' needs Transformer Engine.*set model"):
+        build_trunk(TrunkConfig(**{**CFG.__dict__, "attention": "te"}))
+    auto = build_trunk(TrunkConfig(**{**CFG.__dict__, "attention": "auto"}))
+    assert type(auto.decoder.layers[0].self_attention.core_attention).__name__ == "SDPAttention"
+    assert [attention.decoding_attention(k) for k in ("auto", "te", "sdpa", "local")] == ["sdpa"] * 3 + [
+        "local"
+    ]
+    # Where Transformer Engine and CUDA are present: auto and te are Megatron's TE core attention.
+    monkeypatch.setattr(attention, "te_unavailable", lambda: None)
+    assert attention.resolve_attention("auto") == attention.resolve_attention("te") == "te"
+    from megatron.core.extensions.transformer_engine import TEDotProductAttention
+
+    assert attention.core_attention_module("te") is TEDotProductAttention
+    assert (
+        attention.resolve_attention("local") == "local" and attention.core_attention_module("local") is None
+    )

@@ -15,6 +15,7 @@ import torch
 from cpmtp_dist.config import Config
 from cpmtp_dist.config_io import load_config
 from cpmtp_dist.data.tokenizer import Tokenizer, load_tokenizer
+from cpmtp_dist.model.attention import decoding_attention
 from cpmtp_dist.model.cp_model import CPModel
 from cpmtp_dist.parallel.state import initialize_parallel
 from cpmtp_dist.training.checkpoint import latest_checkpoint, read_model_state
@@ -56,6 +57,7 @@ def load_for_inference(
     if ckpt is None:
         raise FileNotFoundError(f"{path} holds no complete checkpoint (a folder with meta.json and state/)")
     cfg = load_config(ckpt / "config.yaml")
+    cfg.model.trunk.attention = decoding_attention(cfg.model.trunk.attention)
     initialize_parallel(1, 1, 1, seed=cfg.train.seed)
     device = device or torch.device("cpu")
     dtype = dtype or training_dtype(cfg, device)

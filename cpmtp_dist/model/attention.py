@@ -5,7 +5,14 @@
 - `sdpa`: `SDPAttention` below, Megatron's core-attention interface on
   `torch.nn.functional.scaled_dot_product_attention`: flash / memory-efficient / cuDNN kernels on GPUs, the
   math kernel on CPUs; causal masking by the kernel itself where it can (no mask tensor is built).
-- `auto`: sdpa, which runs everywhere torch does.
+- `te`: Transformer Engine's fused attention (Megatron's `TEDotProductAttention`) as the core attention of the
+  same layer spec: needs `transformer_engine` and a CUDA GPU, refused otherwise with the reason. Only the
+  core attention changes (the projections and norms stay Megatron's local modules), so the parameters, and
+  hence checkpoints, are the same for every choice.
+- `auto`: te where it can run, else sdpa (which runs everywhere torch does); `local` only when asked for.
+
+Decoding with the KV cache builds `te` and `auto` as sdpa (`decoding_attention`): the cache's prefix masks are
+what `sdpa` and `local` are tested with.
 
 Both `local` and `sdpa` take the layout's heads (Megatron hands each tensor-parallel rank its own heads), the
 KV cache's keys and the explicit causal mask `cached_forward` builds after a prefix, and give the same
@@ -26,9 +33,44 @@ from megatron.core.transformer.module import MegatronModule
 from torch import Tensor
 
 
+def te_unavailable() -> str | None:
+    """Why Transformer Engine's attention cannot run in this process, or None when it can."""
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible to torch"
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken build failing to load its CUDA library
+        return f"transformer_engine does not import ({type(exc).__name__}: {exc})"
+    return None
+
+
 def resolve_attention(choice: str) -> str:
-    """`model.trunk.attention` as built: auto is sdpa."""
-    return "sdpa" if choice == "auto" else choice
+    """`model.trunk.attention` as built: auto is te where Transformer Engine and CUDA are present, else sdpa;
+    te where it cannot run is refused with the reason."""
+    if choice == "auto":
+        return "sdpa" if te_unavailable() else "te"
+    if choice == "te" and (why := te_unavailable()):
+        raise ValueError(
+            f"model.trunk.attention='te' needs Transformer Engine on a CUDA GPU, but {why}: install "
+            "transformer-engine[pytorch] on a GPU machine, or set model.trunk.attention to 'sdpa' or 'auto'"
+        )
+    return choice
+
+
+def decoding_attention(choice: str) -> str:
+    """The attention a KV-cache decoder builds for a model trained with `choice` (same parameters)."""
+    return "local" if choice == "local" else "sdpa"
+
+
+def core_attention_module(choice: str) -> type | None:
+    """The core-attention class of a resolved choice, None for Megatron's local one."""
+    if choice == "sdpa":
+        return SDPAttention
+    if choice == "te":
+        from megatron.core.extensions.transformer_engine import TEDotProductAttention
+
+        return TEDotProductAttention
+    return None
 
 
 class SDPAttention(MegatronModule):

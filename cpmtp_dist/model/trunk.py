@@ -22,7 +22,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from torch import Tensor
 
 from cpmtp_dist.config import TrunkConfig
-from cpmtp_dist.model.attention import SDPAttention, resolve_attention
+from cpmtp_dist.model.attention import core_attention_module, resolve_attention
 from cpmtp_dist.parallel.pipeline import PipelineStage
 from cpmtp_dist.parallel.sequence import SequenceParallelNorm
 from cpmtp_dist.parallel.state import get_parallel_groups
@@ -96,8 +96,9 @@ def build_trunk(
         sequence_parallel=sequence_parallel,
     )
     spec = get_gpt_layer_local_spec(normalization=cfg.normalization)
-    if resolve_attention(cfg.attention) == "sdpa":
-        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    core_attention = core_attention_module(resolve_attention(cfg.attention))
+    if core_attention is not None:
+        spec.submodules.self_attention.submodules.core_attention = core_attention
     if sequence_parallel:
         spec.submodules.input_layernorm = SequenceParallelNorm
         spec.submodules.pre_mlp_layernorm = SequenceParallelNorm
