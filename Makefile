@@ -9,7 +9,7 @@ PY_TAG   := $(shell $(PYTHON) -c 'import sys; print(f"py{sys.version_info[0]}{sy
 DATA_DIR ?= $(or $(CPMTP_CACHE_DIR),$(HOME)/.cache/cpmtp_dist)/demo-data-$(PY_TAG)
 DATA_SEQ := 128
 
-.PHONY: demo test lint format clean-venv
+.PHONY: demo test lint format clean-venv gpu-wheels
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,11 @@ test: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/python tests/slurm_cluster.py install
 	$(BIN)/python -m pytest -q --durations=25
+
+## The wheels a GPU machine without network lacks (megatron-core, DeepSpeed built from its sdist, webdataset and
+## their small dependencies, for CPython 3.12) into .whl/, which bench/gpu_check.sh installs offline.
+gpu-wheels: $(STAMP)
+	bench/gpu_wheels.sh $(BIN)/python
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .
