@@ -105,6 +105,31 @@ class OptimConfig:
     """Global gradient-norm clipping threshold; 0 disables clipping."""
     zero_stage: Literal[0, 1, 2, 3] = 0
     """DeepSpeed ZeRO stage (0: none, 1: optimizer states, 2: + gradients, 3: + parameters)."""
+    grad_accum_dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """dtype in which a bf16 run accumulates gradients over micro-batches (DeepSpeed
+    `data_types.grad_accum_dtype`). `auto`: fp32 under ZeRO 1 and 2, else bf16: DeepSpeed has no fp32
+    accumulation without ZeRO, and under parallel.pp > 1 Megatron's schedule accumulates in the bf16 `.grad`
+    (fp32 is refused in both cases). fp32 runs accumulate in fp32."""
+    grad_reduce_dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """dtype of the gradient reduction over data-parallel ranks in a bf16 run (DeepSpeed
+    `communication_data_type`). `auto`: fp32 (DeepSpeed's own default is the model's dtype, bf16); bf16 halves
+    the traffic. fp32 runs reduce in fp32."""
+    overlap_comm: bool = True
+    """ZeRO 1/2: reduce gradient buckets on a side stream while the backward goes on (GPUs; DeepSpeed's
+    default at stages 1 and 2 is false). It keeps up to ~4.5 buckets in flight: lower the bucket sizes if
+    memory is short. No effect under ZeRO-0 or with DeepSpeed's bf16 optimizer (bf16, ZeRO-1, fp32
+    accumulation)."""
+    contiguous_gradients: bool = True
+    """ZeRO 1/2: copy gradients into one contiguous buffer as they are produced (less fragmentation; DeepSpeed's
+    default). Must stay true for ZeRO-2 with parallel.ep > 1."""
+    reduce_scatter: bool = True
+    """ZeRO 1/2: reduce gradients with reduce-scatter instead of all-reduce (DeepSpeed's default). Must stay true
+    with parallel.ep > 1."""
+    reduce_bucket_size: int = 500_000_000
+    """ZeRO 1/2: elements reduced at a time (DeepSpeed's default, 5e8)."""
+    allgather_bucket_size: int = 500_000_000
+    """ZeRO 1/2 and the bf16 optimizer: elements all-gathered at a time after the step (DeepSpeed's default,
+    5e8); an even number."""
 
 
 @dataclass
@@ -118,7 +143,8 @@ class TrainConfig:
     seed: int = 1234
     """Seed for weights, data order and sampling."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """`auto`: bf16 on GPU, fp32 on CPU. The CP loss is computed in fp32 either way."""
+    """`auto`: bf16 on GPU, fp32 on CPU. bf16 runs on CPUs too (torch's CPU bf16 kernels), for tests. Weights and
+    activations in bf16; the CP loss math, the optimizer's master weights and Adam moments in fp32."""
     log_every: int = 10
     """Log metrics every this many steps."""
     eval_every: int = 0

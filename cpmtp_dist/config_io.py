@@ -15,7 +15,7 @@ import difflib
 import math
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import reduce
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
@@ -329,6 +329,7 @@ _MINIMUMS: tuple[tuple[str, int | float, str], ...] = (
     ("optim.warmup_steps", 0, " (0 means no warmup)"),
     ("optim.weight_decay", 0, " (0 means no weight decay)"),
     ("optim.grad_clip", 0, " (0 disables clipping)"),
+    ("optim.reduce_bucket_size", 1, " (DeepSpeed's default is 500000000)"),
     ("train.steps", 1, ""),
     ("train.global_batch_size", 1, ""),
     ("train.micro_batch_size", 1, ""),
@@ -372,14 +373,65 @@ def _cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
+def _deepspeed_problems(cfg: Config, ok: Callable[..., bool], cuda_available: bool | None) -> list[str]:
+    """The DeepSpeed settings of `cfg.optim` that DeepSpeed 0.19.8 would reject, or that would silently not do
+    what they say, given the layout and the precision (`train.precision='auto'` is bf16 where CUDA is)."""
+    opt, par, problems = cfg.optim, cfg.parallel, []
+    if ok("optim.allgather_bucket_size") and (opt.allgather_bucket_size < 2 or opt.allgather_bucket_size % 2):
+        problems.append(
+            f"optim.allgather_bucket_size={opt.allgather_bucket_size} must be a positive even number (DeepSpeed's "
+            "ZeRO optimizer asserts a multiple of its all-gather alignment, 2): set optim.allgather_bucket_size to "
+            "an even number such as 500000000"
+        )
+    sharded = ok("optim.zero_stage", "parallel.ep") and opt.zero_stage in (1, 2) and par.ep > 1
+    if sharded and ok("optim.reduce_scatter") and not opt.reduce_scatter:
+        problems.append(
+            f"optim.reduce_scatter=false with parallel.ep={par.ep}: DeepSpeed's ZeRO optimizer supports expert "
+            "(MoE) parameter groups only with reduce-scatter (it asserts it); set optim.reduce_scatter to true"
+        )
+    if sharded and opt.zero_stage == 2 and ok("optim.contiguous_gradients") and not opt.contiguous_gradients:
+        problems.append(
+            f"optim.contiguous_gradients=false with parallel.ep={par.ep} and optim.zero_stage=2: DeepSpeed's "
+            "ZeRO-2 supports expert (MoE) parameter groups only with contiguous gradients (it asserts it); set "
+            "optim.contiguous_gradients to true"
+        )
+    fp32_accum = (
+        ok("optim.grad_accum_dtype", "optim.zero_stage", "parallel.pp", "train.precision")
+        and opt.grad_accum_dtype == "fp32"
+        and cfg.train.precision != "fp32"
+        and (opt.zero_stage == 0 or (opt.zero_stage in (1, 2) and par.pp > 1))
+    )
+    if not fp32_accum:
+        return problems
+    has_cuda = _cuda_available() if cuda_available is None else cuda_available
+    if cfg.train.precision == "auto" and not has_cuda:
+        return problems  # auto is fp32 on a CPU, where the setting has nothing to do
+    if opt.zero_stage == 0:
+        problems.append(
+            "optim.grad_accum_dtype='fp32' in a bf16 run needs optim.zero_stage 1 or 2: without ZeRO, DeepSpeed "
+            "accumulates bf16 gradients only in bf16 (it raises 'unsupported mix of model_dtype and "
+            "grad_accum_dtype'); set optim.zero_stage to 1 or 2, or optim.grad_accum_dtype to 'auto' or 'bf16'"
+        )
+    else:
+        problems.append(
+            f"optim.grad_accum_dtype='fp32' in a bf16 run is not supported with parallel.pp={par.pp}: Megatron's "
+            "pipeline schedule accumulates the micro-batches' gradients in the parameters' bf16 .grad before "
+            "DeepSpeed reduces them once (DeepSpeed cannot coalesce that reduction for its fp32-accumulating "
+            "BF16_Optimizer of ZeRO-1, and under ZeRO-2 the setting would change nothing); set "
+            "optim.grad_accum_dtype to 'auto' or 'bf16'"
+        )
+    return problems
+
+
 def validate_config(
     cfg: Config, world_size: int | None = None, *, cuda_available: bool | None = None
 ) -> None:
     """Check ``cfg`` (and, if given, its fit to ``world_size`` processes); raise all problems at once.
 
     Types and ``Literal`` choices are checked too, so values assigned in Python are covered.
-    ``cuda_available`` overrides the CUDA probe used for ``train.precision='bf16'``, e.g. when a
-    login node without a GPU validates a config for a GPU job. Raises :class:`ConfigError`.
+    ``cuda_available`` overrides the CUDA probe that resolves ``train.precision='auto'`` (bf16 on a GPU) for
+    the checks of bf16-only settings, e.g. when a login node without a GPU validates a config for a GPU job.
+    Raises :class:`ConfigError`.
     """
     problems: list[str] = []
     bad: set[str] = set()
@@ -453,13 +505,6 @@ def validate_config(
             problems.append(
                 f"train.global_batch_size={train.global_batch_size} is not divisible by train.micro_batch_size="
                 f"{train.micro_batch_size}: set train.global_batch_size to a multiple of train.micro_batch_size"
-            )
-    if ok("train.precision") and train.precision == "bf16":
-        has_cuda = _cuda_available() if cuda_available is None else cuda_available
-        if not has_cuda:
-            problems.append(
-                "train.precision='bf16' was requested but no CUDA GPU is available: set train.precision to "
-                "'fp32' or 'auto' (auto uses bf16 on GPU and fp32 on CPU)"
             )
     if ok("data.heldout_fraction") and not 0 < data.heldout_fraction <= 0.5:
         problems.append(
@@ -614,6 +659,8 @@ def validate_config(
                 "distillation runs at parallel.tp = pp = ep = 1 without sequence parallelism (scale out with "
                 "data parallelism), or set finetune.distill_weight to 0"
             )
+
+    problems += _deepspeed_problems(cfg, ok, cuda_available)
 
     # --- tracking ------------------------------------------------------------------------------
     for name in ("system_metrics_interval_s", "retry_every_s"):

@@ -248,7 +248,7 @@ def test_many_problems_reported_at_once() -> None:
     cfg.train.log_every = 0
     cfg.model.cp.chunk_tokens = 0
     cfg.data.heldout_fraction = 0.7
-    cfg.train.precision = "bf16"
+    cfg.optim.allgather_bucket_size = 1001
     cfg.parallel.sequence_parallel = True  # with tp=1
     problems = _problems(cfg)
     expected = [
@@ -268,14 +268,13 @@ def test_many_problems_reported_at_once() -> None:
         "train.log_every=0",
         "model.cp.chunk_tokens=0",
         "data.heldout_fraction=0.7",
-        "train.precision='bf16'",
+        "optim.allgather_bucket_size=1001 must be a positive even number",
         "parallel.sequence_parallel=true needs parallel.tp > 1",
     ]
     joined = "\n".join(problems)
     for text in expected:
         assert text in joined, text
     assert len(problems) == len(expected), joined
-    assert "fp32" in joined and "auto" in joined  # bf16 error says what to use instead
 
 
 def test_min_lr_above_lr_and_valid_edges() -> None:
@@ -294,10 +293,126 @@ def test_min_lr_above_lr_and_valid_edges() -> None:
     validate_config(ok, cuda_available=False)
 
 
-def test_bf16_allowed_with_cuda() -> None:
+def test_bf16_allowed_with_and_without_cuda() -> None:
     cfg = Config()
     cfg.train.precision = "bf16"
     validate_config(cfg, cuda_available=True)
+    validate_config(cfg, cuda_available=False)  # torch's CPU bf16 kernels train too (tests/test_trainer.py)
+
+
+# --- DeepSpeed settings ----------------------------------------------------------------------------
+
+
+def test_deepspeed_config_maps_the_optim_section() -> None:
+    """Defaults for GPUs (overlap_comm on, DeepSpeed's buckets, fp32 accumulation and reduction where
+    DeepSpeed has them); every key lands where DeepSpeed 0.19.8 reads it, and DeepSpeed's own config parser
+    (which forbids unknown ZeRO keys) takes the dict."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    from cpmtp_dist.training.optim import deepspeed_config
+
+    def ds(overrides: list[str], *, bf16: bool, pipelined: bool = False) -> dict:
+        cfg = load_config(None, overrides).optim
+        return deepspeed_config(cfg, micro_batch_size=2, grad_accum=4, dp=1, bf16=bf16, pipelined=pipelined)
+
+    fp32 = ds([], bf16=False)
+    assert fp32["zero_optimization"] == {
+        "stage": 0,
+        "overlap_comm": True,
+        "contiguous_gradients": True,
+        "reduce_scatter": True,
+        "reduce_bucket_size": 500_000_000,
+        "allgather_bucket_size": 500_000_000,
+    }
+    assert (fp32["train_batch_size"], fp32["gradient_clipping"], fp32["bf16"]["enabled"]) == (8, 1.0, False)
+    # (ZeRO stage, pipelined) -> (accumulation, reduction) under `auto` in a bf16 run.
+    for stage, pipelined, dtypes in ((0, False, "bf16 fp32"), (1, False, "fp32 fp32"), (2, False, "fp32 fp32"),
+                                     (1, True, "bf16 fp32"), (2, True, "bf16 fp32")):  # fmt: skip
+        d = ds([f"optim.zero_stage={stage}"], bf16=True, pipelined=pipelined)
+        assert f"{d['data_types']['grad_accum_dtype']} {d['communication_data_type']}" == dtypes, stage
+        assert d["bf16"] == {"enabled": True, "immediate_grad_update": True}
+    assert ds(["optim.grad_accum_dtype=bf16"], bf16=False)["data_types"]["grad_accum_dtype"] == "fp32"
+    custom = ds(["optim.zero_stage=2", "optim.overlap_comm=false", "optim.contiguous_gradients=false",
+                 "optim.reduce_scatter=false", "optim.reduce_bucket_size=2e8", "optim.allgather_bucket_size=1e8",
+                 "optim.grad_accum_dtype=bf16", "optim.grad_reduce_dtype=bf16"], bf16=True)  # fmt: skip
+    parsed = DeepSpeedConfig(custom)  # outside torch.distributed: a world of one
+    z = parsed.zero_config
+    assert (z.stage, z.overlap_comm, z.contiguous_gradients, z.reduce_scatter) == (2, False, False, False)
+    assert (z.reduce_bucket_size, z.allgather_bucket_size) == (200_000_000, 100_000_000)
+    assert (parsed.grad_accum_dtype, str(parsed.communication_data_type)) == ("bf16", "torch.bfloat16")
+    assert parsed.bfloat16_config.immediate_grad_update
+
+
+@pytest.mark.parametrize(
+    ("overrides", "cuda", "expected"),
+    [
+        (
+            ["optim.allgather_bucket_size=1001"],
+            False,
+            "optim.allgather_bucket_size=1001 must be a positive even",
+        ),
+        (["optim.allgather_bucket_size=0"], False, "optim.allgather_bucket_size=0 must be a positive even"),
+        (["optim.reduce_bucket_size=0"], False, "optim.reduce_bucket_size=0 is below 1"),
+        (
+            ["parallel.ep=2", "optim.zero_stage=1", "optim.reduce_scatter=false"],
+            False,
+            "optim.reduce_scatter=false with parallel.ep=2: DeepSpeed's ZeRO optimizer supports expert",
+        ),
+        (
+            ["parallel.ep=2", "optim.zero_stage=2", "optim.contiguous_gradients=false"],
+            False,
+            "optim.contiguous_gradients=false with parallel.ep=2 and optim.zero_stage=2",
+        ),
+        (
+            ["train.precision=bf16", "optim.grad_accum_dtype=fp32"],
+            False,
+            "optim.grad_accum_dtype='fp32' in a bf16 run needs optim.zero_stage 1 or 2",
+        ),
+        (  # train.precision=auto is bf16 where there is a GPU
+            ["optim.grad_accum_dtype=fp32"],
+            True,
+            "optim.grad_accum_dtype='fp32' in a bf16 run needs optim.zero_stage 1 or 2",
+        ),
+        (
+            ["train.precision=bf16", "parallel.pp=2", "optim.zero_stage=1", "optim.grad_accum_dtype=fp32"],
+            False,
+            "optim.grad_accum_dtype='fp32' in a bf16 run is not supported with parallel.pp=2",
+        ),
+        (
+            ["train.precision=bf16", "parallel.pp=2", "optim.zero_stage=2", "optim.grad_accum_dtype=fp32"],
+            False,
+            "optim.grad_accum_dtype='fp32' in a bf16 run is not supported with parallel.pp=2",
+        ),
+    ],
+)
+def test_deepspeed_settings_deepspeed_rejects_are_refused(
+    overrides: list[str], cuda: bool, expected: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        validate_config(load_config(None, overrides), cuda_available=cuda)
+    assert len(info.value.problems) == 1 and expected in info.value.problems[0], info.value.problems
+    assert "set optim." in info.value.problems[0]  # says what to change
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["optim.grad_accum_dtype=fp32"],  # fp32 on a CPU (auto) or by choice: accumulates in fp32 anyway
+        ["train.precision=fp32", "parallel.pp=2", "optim.zero_stage=1", "optim.grad_accum_dtype=fp32"],
+        ["train.precision=bf16", "optim.zero_stage=1", "optim.grad_accum_dtype=fp32"],
+        [
+            "train.precision=bf16",
+            "optim.zero_stage=2",
+            "optim.grad_reduce_dtype=bf16",
+            "optim.overlap_comm=false",
+        ],
+        ["train.precision=bf16", "parallel.pp=2", "optim.zero_stage=1", "optim.grad_accum_dtype=bf16"],
+        ["parallel.ep=2", "optim.zero_stage=1", "optim.contiguous_gradients=false"],  # ZeRO-1 only warns
+        ["optim.reduce_scatter=false", "optim.contiguous_gradients=false", "optim.allgather_bucket_size=2"],
+    ],
+)
+def test_deepspeed_settings_deepspeed_takes_pass(overrides: list[str]) -> None:
+    validate_config(load_config(None, overrides), cuda_available=False)
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,10 @@ stage 2) and clipping. Three of its defaults would silently change the numerics,
 explicitly here: `gradient_clipping` (DeepSpeed's default is 1.0, ours comes from `optim.grad_clip`),
 the optimizer (a client `torch.optim.AdamW`: DeepSpeed's own `AdamW` JIT-compiles a fused kernel),
 and the loss scaling of `engine.backward` (the trainer normalises the loss itself, so it calls
-`backward(loss, scale_wrt_gas=False)`).
+`backward(loss, scale_wrt_gas=False)`). In bf16, `bf16.immediate_grad_update` is on: DeepSpeed's
+`BF16_Optimizer` (ZeRO-1) otherwise clears `.grad` between micro-batches only in a backward prologue hooked
+onto the tensors the forward returns, and the model returns a `CPLossOutput`, so earlier micro-batches'
+gradients were accumulated again at every later backward (docs/PARALLEL.md, "Precision").
 """
 
 from __future__ import annotations
@@ -61,17 +64,46 @@ def build_optimizer(
     return opt, sched
 
 
+def grad_dtypes(cfg: OptimConfig, *, bf16: bool, pipelined: bool) -> tuple[str, str]:
+    """(accumulation, reduction) dtype of the gradients, `auto` resolved: fp32 wherever DeepSpeed supports it
+    in a bf16 run (not under ZeRO-0, not under pipeline parallelism); always fp32 in an fp32 run."""
+    if not bf16:
+        return "fp32", "fp32"
+    accum = cfg.grad_accum_dtype
+    if accum == "auto":
+        accum = "fp32" if cfg.zero_stage >= 1 and not pipelined else "bf16"
+    reduce = "fp32" if cfg.grad_reduce_dtype == "auto" else cfg.grad_reduce_dtype
+    return accum, reduce
+
+
 def deepspeed_config(
-    cfg: OptimConfig, *, micro_batch_size: int, grad_accum: int, dp: int, bf16: bool
+    cfg: OptimConfig, *, micro_batch_size: int, grad_accum: int, dp: int, bf16: bool, pipelined: bool = False
 ) -> dict[str, Any]:
-    """The DeepSpeed config dict; every setting that affects numerics is explicit."""
+    """The DeepSpeed config dict; every setting that affects numerics is explicit.
+
+    Which optimizer wrapper DeepSpeed picks in bf16 (`DeepSpeedEngine._do_optimizer_sanity_check`): ZeRO-0
+    steps fp32 copies of the bf16 weights (`FP16_UnfusedOptimizer`); ZeRO-1 with fp32 accumulation uses
+    `BF16_Optimizer` (fp32 master partitions and gradient buffers; the bucket and overlap settings other than
+    `allgather_bucket_size` do not apply); otherwise ZeRO 1/2 is `DeepSpeedZeroOptimizer` with fp32 master
+    partitions. Adam's moments are fp32 in every case.
+    """
+    accum, reduce = grad_dtypes(cfg, bf16=bf16, pipelined=pipelined)
     return {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
         "train_batch_size": micro_batch_size * grad_accum * dp,
         "gradient_clipping": cfg.grad_clip,
-        "zero_optimization": {"stage": cfg.zero_stage},
-        "bf16": {"enabled": bf16},
+        "zero_optimization": {
+            "stage": cfg.zero_stage,
+            "overlap_comm": cfg.overlap_comm,
+            "contiguous_gradients": cfg.contiguous_gradients,
+            "reduce_scatter": cfg.reduce_scatter,
+            "reduce_bucket_size": cfg.reduce_bucket_size,
+            "allgather_bucket_size": cfg.allgather_bucket_size,
+        },
+        "bf16": {"enabled": bf16, "immediate_grad_update": True},
+        "data_types": {"grad_accum_dtype": accum},
+        "communication_data_type": reduce,
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**12,
         "wall_clock_breakdown": False,
@@ -87,11 +119,13 @@ def build_engine(
     grad_accum: int,
     dp: int,
     bf16: bool,
+    pipelined: bool = False,
     mpu: Any = None,
 ) -> Any:
     """Wrap `model` in a DeepSpeed engine with AdamW and the warmup-cosine schedule.
 
-    `mpu` tells DeepSpeed the data- and model-parallel groups (see `parallel.layout.DeepSpeedMPU`).
+    `mpu` tells DeepSpeed the data- and model-parallel groups (see `parallel.layout.DeepSpeedMPU`);
+    `pipelined`: Megatron's pipeline schedule runs the micro-batches (see `deepspeed_config`).
     """
     import deepspeed  # heavy import; only the trainer needs it
 
@@ -100,7 +134,9 @@ def build_engine(
     # started without a launcher has none).
     os.environ.setdefault("LOCAL_RANK", "0")
     opt, sched = build_optimizer(model, cfg, total_steps)
-    ds_cfg = deepspeed_config(cfg, micro_batch_size=micro_batch_size, grad_accum=grad_accum, dp=dp, bf16=bf16)
+    ds_cfg = deepspeed_config(
+        cfg, micro_batch_size=micro_batch_size, grad_accum=grad_accum, dp=dp, bf16=bf16, pipelined=pipelined
+    )
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=opt, lr_scheduler=sched, config=ds_cfg, mpu=mpu
     )

@@ -446,6 +446,7 @@ def train(
         grad_accum=1 if pipelined else grad_accum,
         dp=groups.dp_size,
         bf16=dtype == torch.bfloat16,
+        pipelined=pipelined,
         mpu=DeepSpeedMPU(groups),
     )
     tokens_per_step = t.global_batch_size * cfg.model.trunk.seq_length
