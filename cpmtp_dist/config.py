@@ -34,9 +34,11 @@ class TrunkConfig:
     """Std of the normal init of the trunk's weights."""
     dropout: float = 0.0
     """Attention and hidden dropout probability."""
-    attention: Literal["auto", "local", "sdpa"] = "auto"
+    attention: Literal["auto", "local", "sdpa", "te"] = "auto"
     """Core attention: `sdpa` (torch's scaled_dot_product_attention: flash / cuDNN kernels on GPUs), `local`
-    (Megatron's unfused DotProductAttention, full score matrix), `auto` = sdpa (cpmtp_dist/model/attention.py)."""
+    (Megatron's unfused DotProductAttention, full score matrix), `te` (Transformer Engine's fused attention; needs
+    transformer_engine and CUDA), `auto` = te where it can run, else sdpa (cpmtp_dist/model/attention.py). The
+    parameters are the same for every choice."""
 
 
 @dataclass
