@@ -51,10 +51,11 @@ def _ieee_fp32():
     torch.set_float32_matmul_precision(before)
 
 
-def test_training_steps_in_bf16_zero2(cuda, tmp_path, monkeypatch):
+def test_training_steps_in_bf16_zero2(tmp_path, monkeypatch):
     """One process trains through `train()` on the GPU, bf16 with ZeRO-2 (as bench/gpu_check.sh's 1B run):
-    a finite loss that goes down, the metrics a GPU run adds (MFU, peak memory), and the weights, gradients'
-    partitions and Adam moments on the GPU."""
+    a finite loss that goes down, the metrics a GPU run adds (MFU, peak memory), the weights and the Adam
+    moments on the GPU. First in the file: `train()` brings up CUDA and NCCL itself, after
+    forking its checkpoint writer, as a `cpmtp train` process does."""
     monkeypatch.setenv("CPMTP_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.chdir(ROOT)
     engines = []
@@ -85,6 +86,7 @@ def test_training_steps_in_bf16_zero2(cuda, tmp_path, monkeypatch):
     last = [r for r in rows if "loss" in r][-1]
     assert 0 < last["mfu"] < 1 and last["max_memory_gb"] > 0 and last["tokens_per_s"] > 0, last
     (engine,) = engines
+    cuda = torch.device("cuda", torch.cuda.current_device())
     assert all(p.device == cuda and p.dtype == torch.bfloat16 for p in engine.module.parameters())
     base = getattr(engine.optimizer, "optimizer", engine.optimizer)
     moments = [v for st in base.state.values() for v in st.values() if torch.is_tensor(v) and v.dim() > 0]
