@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -43,3 +45,22 @@ def build_json_shards(root: Path, name: str) -> Path:
     splits = json.loads((root / name / "manifest.json").read_text())["splits"]
     assert splits["valid"]["documents"] == 2 and splits["train"]["documents"] == 3, splits
     return root / name
+
+
+def assert_fp32_optimizer_state(state: dict[str, torch.Tensor]) -> None:
+    """`state` (a bf16 run's checkpoint, `read_model_state(folder, "")`) holds bf16 weights and, beside each,
+    an fp32 master weight and fp32 Adam moments that carry more than bf16 can; each weight is its master
+    rounded to bf16."""
+    masters = {
+        k.removeprefix("optimizer.master."): v for k, v in state.items() if k.startswith("optimizer.master.")
+    }
+    assert masters and masters.keys() == {k.removeprefix("model.") for k in state if k.startswith("model.")}
+    finer = 0
+    for name, master in masters.items():
+        weight = state[f"model.{name}"]
+        assert (weight.dtype, master.dtype) == (torch.bfloat16, torch.float32), name
+        assert torch.equal(weight, master.bfloat16()), name
+        finer += int((master != weight.float()).sum())
+    moments = [v for k, v in state.items() if k.startswith("optimizer.exp_avg")]
+    assert len(moments) == 2 * len(masters) and all(m.dtype == torch.float32 for m in moments)
+    assert finer > 0 and any(bool((m != m.bfloat16().float()).any()) for m in moments)

@@ -1,7 +1,7 @@
 """Parallel layouts under torchrun (CPU, gloo) train the same model as one process.
 
 One launch per layout; each run logs every step, so the whole loss trajectory is compared, and the final
-weights are compared from the checkpoint.
+weights are compared from the checkpoint. The bf16 runs share one launch and track the fp32 run.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 
 from cpmtp_dist.training.checkpoint import read_model_state
 from parity_config import PARITY
+from runs import assert_fp32_optimizer_state, metrics_by_step
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 5
@@ -39,15 +40,28 @@ LAYOUTS = {
 }
 
 
+# name: settings of a bf16 run on 2 processes (dp x pp); all of them train in one launch.
+BF16_LAYOUTS = {
+    "dp2_zero0": [],
+    "dp2_zero1": ["optim.zero_stage=1"],
+    "dp2_zero2": ["optim.zero_stage=2"],
+    "pp2_zero1": ["parallel.pp=2", "optim.zero_stage=1"],
+}
+BF16_LOSS_TOL, BF16_GRAD_NORM_RTOL = 3e-3, 1e-2
+
+
+def env(cache: Path) -> dict[str, str]:
+    return {**os.environ, "CPMTP_CACHE_DIR": str(cache), "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+
+
 def launch(run_dir: Path, nproc: int, overrides: list[str], cache: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "CPMTP_CACHE_DIR": str(cache), "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     args = ["train", "--config", "configs/tiny.yaml", "--run-dir", str(run_dir), *SMALL, *overrides]
     if nproc == 1:
         cmd = [sys.executable, "-m", "launchers.cli", *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
         cmd += ["-m", "launchers.cli", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, cwd=ROOT, env=env(cache), capture_output=True, text=True, timeout=600)
 
 
 def read_run(run_dir: Path) -> tuple[list[dict], dict[str, torch.Tensor]]:
@@ -115,3 +129,41 @@ def test_zero1_halves_optimizer_state_per_rank(workdir, reference):
     ratio = sharded / single
     print(f"optimizer state per rank, dp=2 ZeRO-1 / dp=1: {sharded:.4f} / {single:.4f} MiB = {ratio:.3f}")
     assert 0.45 <= ratio <= 0.55, ratio
+
+
+@pytest.mark.slow
+def test_bf16_tracks_fp32_in_data_and_pipeline_layouts(workdir, reference):
+    """`train.precision=bf16` on 2 processes with ZeRO-0, 1, 2 and pp2 stays within BF16_LOSS_TOL of the
+    fp32 one-process run at every step and in the held-out loss, with the gradient norm within
+    BF16_GRAD_NORM_RTOL, and each checkpoint holds fp32 master weights and moments beside the bf16 weights.
+
+    Measured (5 steps, loss ~18.1): the largest |bf16 - fp32| of the step losses was 5.1e-4 at ZeRO-0
+    (bf16 gradient accumulation), 1.2e-4 at ZeRO-1 and 2 (fp32 accumulation), 1.3e-4 at pp2 (bf16
+    accumulation in Megatron's schedule); of the held-out loss 9.7e-4 at ZeRO-0, 3.1e-5 to 3.5e-5 elsewhere;
+    of the gradient norm 2.0e-3 relative at ZeRO-0, 4.2e-4 at ZeRO-1 and 2, 6.5e-4 at pp2. The norm guards
+    the accumulation: DeepSpeed's BF16_Optimizer (ZeRO-1) without `immediate_grad_update` counted the first
+    micro-batch twice here, a norm 1.56x too large with the losses still within 2e-4 of fp32."""
+    ref_rows, _ = reference([])
+    root = workdir / "bf16"
+    cases = {name: [*SMALL, "train.precision=bf16", *settings] for name, settings in BF16_LAYOUTS.items()}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "tests/train_several.py", str(root), json.dumps(cases)]  # fmt: skip
+    res = subprocess.run(
+        cmd, cwd=ROOT, env=env(workdir / "cache"), capture_output=True, text=True, timeout=600
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    ref: dict[int, dict] = {}
+    for row in ref_rows:  # the train and eval rows of a step merged, as metrics_by_step does
+        ref.setdefault(row["step"], {}).update(row)
+    for name in BF16_LAYOUTS:
+        got = metrics_by_step(root / name)
+        assert sorted(got) == sorted(ref) == list(range(1, STEPS + 1)), name
+        gaps = [abs(got[s]["loss"] - ref[s]["loss"]) for s in ref]
+        norms = [abs(got[s]["grad_norm"] / ref[s]["grad_norm"] - 1) for s in ref]
+        held_out = abs(got[STEPS]["eval_joint_loss"] - ref[STEPS]["eval_joint_loss"])
+        print(
+            f"bf16 {name}: |loss - fp32| <= {max(gaps):.1e}, held-out {held_out:.1e}, norm {max(norms):.1e}"
+        )
+        assert max(gaps) <= BF16_LOSS_TOL and held_out <= BF16_LOSS_TOL, (name, gaps, held_out)
+        assert max(norms) <= BF16_GRAD_NORM_RTOL, (name, norms)
+        assert_fp32_optimizer_state(read_model_state(root / name / "checkpoints" / f"step_{STEPS:07d}", ""))

@@ -1,7 +1,8 @@
 """A run killed with SIGKILL and resumed with `--resume auto` continues exactly as the uninterrupted run:
-the same loss at every step and the same final weights (fp32, CPU), on the in-memory corpus and on
-streamed shards (loader workers, whose positions travel in the checkpoint). An unfinished checkpoint
-folder left by a crash during a save is ignored."""
+the same loss at every step and the same final weights, to the bit, in fp32 on the in-memory corpus and in
+bf16 on streamed shards (loader workers, whose positions travel in the checkpoint, as do the fp32 master
+weights and Adam moments of the bf16 run). An unfinished checkpoint folder left by a crash during a save is
+ignored."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 
 from cpmtp_dist.training.checkpoint import read_model_state
 from parity_config import PARITY
-from runs import build_json_shards
+from runs import assert_fp32_optimizer_state, build_json_shards
 from runs import metrics_by_step as rows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,22 +74,34 @@ def reference(tmp_path_factory, shards):
 
 
 def data_args(source: str, shards: Path) -> list[str]:
-    return [] if source == "memory" else [f"data.path={shards}", "data.num_workers=2"]
+    """The settings of a case: fp32 on the in-memory corpus, or bf16 on shards read by loader workers."""
+    if source == "memory":
+        return []
+    return [f"data.path={shards}", "data.num_workers=2", "train.precision=bf16"]
 
 
-def assert_same_run(run: Path, ref: Path) -> None:
+def assert_same_run(run: Path, ref: Path, *, exact: bool = False) -> None:
+    """The metrics and final weights of `run` are those of `ref`; with `exact`, to the bit, and the optimizer
+    state (master weights, moments) as well."""
     got, want = rows(run), rows(ref)
     assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
     for step in want:
+        if exact:
+            keys = ("loss", "joint_loss", "ntp_loss", "grad_norm", "lr", "eval_joint_loss")
+            assert {k: got[step].get(k) for k in keys} == {k: want[step].get(k) for k in keys}, step
+            continue
         assert got[step]["loss"] == pytest.approx(want[step]["loss"], abs=1e-6), step
         assert got[step]["grad_norm"] == pytest.approx(want[step]["grad_norm"], rel=1e-5), step
         if "eval_joint_loss" in want[step]:
             assert got[step]["eval_joint_loss"] == pytest.approx(want[step]["eval_joint_loss"], abs=1e-6)
-    a = read_model_state(run / "checkpoints" / f"step_{STEPS:07d}")
-    b = read_model_state(ref / "checkpoints" / f"step_{STEPS:07d}")
+    tol = 0 if exact else 1e-6
+    prefix = "" if exact else "model."
+    a = read_model_state(run / "checkpoints" / f"step_{STEPS:07d}", prefix)
+    b = read_model_state(ref / "checkpoints" / f"step_{STEPS:07d}", prefix)
+    assert a.keys() == b.keys()
     for k, v in b.items():
         if torch.is_tensor(v) and v.is_floating_point():
-            torch.testing.assert_close(a[k], v, rtol=0, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+            torch.testing.assert_close(a[k], v, rtol=0, atol=tol, msg=lambda m, k=k: f"{k}: {m}")
 
 
 def start_and_signal(run: Path, extra: list[str], cache: Path, sig: int) -> tuple[int, str]:
@@ -107,7 +120,7 @@ def start_and_signal(run: Path, extra: list[str], cache: Path, sig: int) -> tupl
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("source", ["memory", "shards"])
+@pytest.mark.parametrize("source", ["memory", "shards_bf16"])
 def test_sigkill_and_resume_equals_the_uninterrupted_run(tmp_path, shards, reference, source):
     extra = data_args(source, shards)
     cache = tmp_path / "cache"
@@ -126,7 +139,9 @@ def test_sigkill_and_resume_equals_the_uninterrupted_run(tmp_path, shards, refer
     last_ckpt = (killed_at // EVERY) * EVERY
     assert f"at step {last_ckpt}" in resumed.stdout
 
-    assert_same_run(run, ref)
+    assert_same_run(run, ref, exact=True)
+    if source == "shards_bf16":
+        assert_fp32_optimizer_state(read_model_state(run / "checkpoints" / f"step_{STEPS:07d}", ""))
 
 
 @pytest.mark.slow
