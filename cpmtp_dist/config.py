@@ -118,19 +118,20 @@ class OptimConfig:
     the traffic. fp32 runs reduce in fp32."""
     overlap_comm: bool = True
     """ZeRO 1/2: reduce gradient buckets on a side stream while the backward goes on (GPUs; DeepSpeed's
-    default at stages 1 and 2 is false). It keeps up to ~4.5 buckets in flight: lower the bucket sizes if
-    memory is short. No effect under ZeRO-0 or with DeepSpeed's bf16 optimizer (bf16, ZeRO-1, fp32
-    accumulation)."""
+    default at stages 1 and 2 is false). It double-buffers the reduce bucket. No effect under ZeRO-0 or with
+    DeepSpeed's bf16 optimizer (bf16, ZeRO-1, fp32 accumulation)."""
     contiguous_gradients: bool = True
     """ZeRO 1/2: copy gradients into one contiguous buffer as they are produced (less fragmentation; DeepSpeed's
     default). Must stay true for ZeRO-2 with parallel.ep > 1."""
     reduce_scatter: bool = True
     """ZeRO 1/2: reduce gradients with reduce-scatter instead of all-reduce (DeepSpeed's default). Must stay true
     with parallel.ep > 1."""
-    reduce_bucket_size: int = 500_000_000
-    """ZeRO 1/2: elements reduced at a time (DeepSpeed's default, 5e8)."""
-    allgather_bucket_size: int = 500_000_000
-    """ZeRO 1/2 and the bf16 optimizer: elements all-gathered at a time after the step (DeepSpeed's default,
+    reduce_bucket_size: int = 200_000_000
+    """ZeRO 1/2: elements reduced at a time. With contiguous_gradients DeepSpeed allocates a staging buffer of
+    this many gradient elements, two with overlap_comm, whatever the model's size: 0.8 GB in bf16 at 2e8
+    (DeepSpeed's default 5e8 would take 2 GB); 2e8 elements per collective still saturate GPU links."""
+    allgather_bucket_size: int = 200_000_000
+    """ZeRO 1/2 and the bf16 optimizer: elements all-gathered at a time after the step (DeepSpeed's default:
     5e8); an even number."""
 
 

@@ -329,7 +329,7 @@ _MINIMUMS: tuple[tuple[str, int | float, str], ...] = (
     ("optim.warmup_steps", 0, " (0 means no warmup)"),
     ("optim.weight_decay", 0, " (0 means no weight decay)"),
     ("optim.grad_clip", 0, " (0 disables clipping)"),
-    ("optim.reduce_bucket_size", 1, " (DeepSpeed's default is 500000000)"),
+    ("optim.reduce_bucket_size", 1, " (the default is 200000000)"),
     ("train.steps", 1, ""),
     ("train.global_batch_size", 1, ""),
     ("train.micro_batch_size", 1, ""),
@@ -381,7 +381,7 @@ def _deepspeed_problems(cfg: Config, ok: Callable[..., bool], cuda_available: bo
         problems.append(
             f"optim.allgather_bucket_size={opt.allgather_bucket_size} must be a positive even number (DeepSpeed's "
             "ZeRO optimizer asserts a multiple of its all-gather alignment, 2): set optim.allgather_bucket_size to "
-            "an even number such as 500000000"
+            "an even number such as 200000000"
         )
     sharded = ok("optim.zero_stage", "parallel.ep") and opt.zero_stage in (1, 2) and par.ep > 1
     if sharded and ok("optim.reduce_scatter") and not opt.reduce_scatter:

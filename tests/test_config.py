@@ -304,7 +304,7 @@ def test_bf16_allowed_with_and_without_cuda() -> None:
 
 
 def test_deepspeed_config_maps_the_optim_section() -> None:
-    """Defaults for GPUs (overlap_comm on, DeepSpeed's buckets, fp32 accumulation and reduction where
+    """Defaults for GPUs (overlap_comm on, buckets of 2e8, fp32 accumulation and reduction where
     DeepSpeed has them); every key lands where DeepSpeed 0.19.8 reads it, and DeepSpeed's own config parser
     (which forbids unknown ZeRO keys) takes the dict."""
     from deepspeed.runtime.config import DeepSpeedConfig
@@ -321,8 +321,8 @@ def test_deepspeed_config_maps_the_optim_section() -> None:
         "overlap_comm": True,
         "contiguous_gradients": True,
         "reduce_scatter": True,
-        "reduce_bucket_size": 500_000_000,
-        "allgather_bucket_size": 500_000_000,
+        "reduce_bucket_size": 200_000_000,
+        "allgather_bucket_size": 200_000_000,
     }
     assert (fp32["train_batch_size"], fp32["gradient_clipping"], fp32["bf16"]["enabled"]) == (8, 1.0, False)
     # (ZeRO stage, pipelined) -> (accumulation, reduction) under `auto` in a bf16 run.
@@ -333,12 +333,12 @@ def test_deepspeed_config_maps_the_optim_section() -> None:
         assert d["bf16"] == {"enabled": True, "immediate_grad_update": True}
     assert ds(["optim.grad_accum_dtype=bf16"], bf16=False)["data_types"]["grad_accum_dtype"] == "fp32"
     custom = ds(["optim.zero_stage=2", "optim.overlap_comm=false", "optim.contiguous_gradients=false",
-                 "optim.reduce_scatter=false", "optim.reduce_bucket_size=2e8", "optim.allgather_bucket_size=1e8",
+                 "optim.reduce_scatter=false", "optim.reduce_bucket_size=3e8", "optim.allgather_bucket_size=1e8",
                  "optim.grad_accum_dtype=bf16", "optim.grad_reduce_dtype=bf16"], bf16=True)  # fmt: skip
     parsed = DeepSpeedConfig(custom)  # outside torch.distributed: a world of one
     z = parsed.zero_config
     assert (z.stage, z.overlap_comm, z.contiguous_gradients, z.reduce_scatter) == (2, False, False, False)
-    assert (z.reduce_bucket_size, z.allgather_bucket_size) == (200_000_000, 100_000_000)
+    assert (z.reduce_bucket_size, z.allgather_bucket_size) == (300_000_000, 100_000_000)
     assert (parsed.grad_accum_dtype, str(parsed.communication_data_type)) == ("bf16", "torch.bfloat16")
     assert parsed.bfloat16_config.immediate_grad_update
 
