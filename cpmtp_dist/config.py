@@ -20,8 +20,18 @@ class TrunkConfig:
     """Model width d."""
     num_attention_heads: int = 4
     """Attention heads per layer; must divide hidden_size (and, under TP, be divisible by tp)."""
+    num_query_groups: int | None = None
+    """Key/value heads (grouped-query attention): must divide num_attention_heads (and, under TP, be divisible
+    by tp); None means one per attention head (multi-head attention)."""
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    """MLP kind: `gelu` (W2 GELU(W1 h), GPT-style) or `swiglu` (W2 (SiLU(W1 h) * W3 h), Llama-style gated)."""
     ffn_hidden_size: int | None = None
-    """Width of the MLP; None means 4 * hidden_size."""
+    """Width of the MLP (of each of the gated MLP's two inner projections); None means 4 * hidden_size."""
+    untie_embeddings: bool = False
+    """Give the output layer its own (V, d) weight instead of the input embedding's (Llama-3-8B unties them).
+    The `shared` CP head then uses the output layer's weight as U."""
+    norm_epsilon: float = 1e-5
+    """Epsilon of every norm (Llama uses 1e-5, GPT-2 style LayerNorm 1e-5)."""
     seq_length: int = 256
     """Tokens per training sequence (the trunk's context length)."""
     vocab_size: int = 2048
@@ -30,6 +40,9 @@ class TrunkConfig:
     """Norm used inside the layers and as the final norm."""
     rotary_base: int = 10000
     """RoPE base frequency."""
+    rope_scaling_factor: float = 0.0
+    """0: plain RoPE. > 0: Llama 3.1's scaling of the RoPE frequencies by this factor (low- and high-frequency
+    factors 1 and 4, original context 8192; Llama-3.2-1B uses 32)."""
     init_method_std: float = 0.02
     """Std of the normal init of the trunk's weights."""
     dropout: float = 0.0

@@ -469,6 +469,33 @@ def validate_config(
                 f"model.trunk.hidden_size={trunk.hidden_size} is not divisible by model.trunk.num_attention_heads="
                 f"{trunk.num_attention_heads}: set model.trunk.hidden_size to a multiple of it (or change the heads)"
             )
+    groups = trunk.num_query_groups if ok("model.trunk.num_query_groups") else None
+    if groups is not None and positive("model.trunk.num_attention_heads"):
+        heads = trunk.num_attention_heads
+        if groups < 1 or heads % groups:
+            problems.append(
+                f"model.trunk.num_query_groups={groups} does not divide model.trunk.num_attention_heads={heads} "
+                "(each key/value head serves an equal share of the query heads): set it to a divisor of "
+                f"{heads}, or to null for one per head"
+            )
+    if ok("model.trunk.rope_scaling_factor") and trunk.rope_scaling_factor < 0:
+        problems.append(
+            f"model.trunk.rope_scaling_factor={trunk.rope_scaling_factor} must be >= 0: 0 for plain RoPE, or "
+            "Llama 3.1's factor (e.g. 8 or 32)"
+        )
+    if ok("model.trunk.norm_epsilon") and not trunk.norm_epsilon > 0:
+        problems.append(f"model.trunk.norm_epsilon={trunk.norm_epsilon} must be > 0: e.g. 1e-5")
+    if (
+        ok("model.trunk.untie_embeddings", "model.cp.parameterisation", "finetune.freeze_trunk")
+        and trunk.untie_embeddings
+        and cp.parameterisation == "separate"
+        and not cfg.finetune.freeze_trunk
+    ):
+        problems.append(
+            "model.trunk.untie_embeddings=true with model.cp.parameterisation='separate': the output layer would "
+            "be trained but never used (the separate head has its own unembeddings), so it would receive no "
+            "gradient; set model.trunk.untie_embeddings to false, or model.cp.parameterisation to 'shared'"
+        )
     if ok("model.trunk.dropout") and not 0 <= trunk.dropout < 1:
         problems.append(f"model.trunk.dropout={trunk.dropout} is outside [0, 1): set it to e.g. 0.0 or 0.1")
     if ok("model.trunk.init_method_std") and trunk.init_method_std <= 0:
@@ -547,6 +574,7 @@ def validate_config(
         )
     for path, what in (
         ("model.trunk.num_attention_heads", "the heads are split over tensor-parallel ranks"),
+        ("model.trunk.num_query_groups", "the key/value heads are split over tensor-parallel ranks"),
         ("model.trunk.vocab_size", "the unembedding is split by vocabulary over tensor-parallel ranks"),
     ):
         if positive(path, "parallel.tp") and get(path) % par.tp:

@@ -85,7 +85,9 @@ def test_every_shipped_config_loads_and_validates() -> None:
     assert len(files) >= 3, files
     for path in files:
         cfg = load_config(path)
-        validate_config(cfg, world_size=1, cuda_available=False)
+        validate_config(
+            cfg, world_size=cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.ep, cuda_available=False
+        )
         # Every key in the file must be one the loader consumed (load_config errors otherwise),
         # and the file must actually set something.
         assert yaml.safe_load(path.read_text(encoding="utf-8")), path
@@ -291,6 +293,33 @@ def test_min_lr_above_lr_and_valid_edges() -> None:
     ok.model.cp.parameterisation = "separate"
     ok.model.cp.phi = "linear"  # phi is ignored under `separate`: not an error
     validate_config(ok, cuda_available=False)
+
+
+def test_llama_trunk_options() -> None:
+    """Grouped-query attention, the gated MLP, untied embeddings and the norm epsilon: valid values pass, and
+    each bad one is named with what to change."""
+    ok = load_config(None, ["model.trunk.num_query_groups=2", "model.trunk.mlp=swiglu",
+                            "model.trunk.untie_embeddings=true", "model.trunk.norm_epsilon=1e-6"])  # fmt: skip
+    validate_config(ok, 2, cuda_available=False)
+    cfg = load_config(None, ["model.trunk.num_query_groups=3", "model.trunk.norm_epsilon=0",
+                             "model.trunk.untie_embeddings=true", "model.cp.parameterisation=separate"])  # fmt: skip
+    assert _problems(cfg) == [
+        "model.trunk.num_query_groups=3 does not divide model.trunk.num_attention_heads=4 (each key/value head "
+        "serves an equal share of the query heads): set it to a divisor of 4, or to null for one per head",
+        "model.trunk.norm_epsilon=0.0 must be > 0: e.g. 1e-5",
+        "model.trunk.untie_embeddings=true with model.cp.parameterisation='separate': the output layer would "
+        "be trained but never used (the separate head has its own unembeddings), so it would receive no "
+        "gradient; set model.trunk.untie_embeddings to false, or model.cp.parameterisation to 'shared'",
+    ]
+    tp = load_config(None, ["model.trunk.num_attention_heads=8", "model.trunk.hidden_size=256",
+                            "model.trunk.num_query_groups=2", "parallel.tp=4"])  # fmt: skip
+    assert _problems(tp, 4) == [
+        "model.trunk.num_query_groups=2 is not divisible by parallel.tp=4 (the key/value heads are split over "
+        "tensor-parallel ranks): set model.trunk.num_query_groups to a multiple of parallel.tp (or change "
+        "parallel.tp)"
+    ]
+    with pytest.raises(ConfigError, match="model.trunk.mlp"):
+        load_config(None, ["model.trunk.mlp=relu"])
 
 
 def test_bf16_allowed_with_and_without_cuda() -> None:

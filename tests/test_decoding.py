@@ -41,6 +41,7 @@ def make_model(
     sharpen: float = 1.0,
     head_noise: float = 0.0,
     attention: str = "auto",
+    trunk_options: dict | None = None,
     **cp,
 ) -> CPModel:
     """A random model. `sharpen` scales the final norm (peakier next-token distributions, so that greedy
@@ -53,6 +54,7 @@ def make_model(
         seq_length=seq,
         vocab_size=vocab,
         attention=attention,
+        **(trunk_options or {}),
     )
     model = CPModel(ModelConfig(trunk=trunk, cp=CPHeadConfig(horizon=n, rank=r, **cp))).eval()
     with torch.no_grad():
@@ -75,8 +77,14 @@ def full_context_hidden(model: CPModel, ids: list[int]) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- KV cache
-def test_cached_forward_in_pieces_equals_one_full_forward():
-    model = make_model(2, 2)
+# Llama-style trunk: grouped-query attention (the cache holds 2 key/value heads for 4 query heads), SwiGLU,
+# untied output layer.
+LLAMA = {"num_query_groups": 2, "mlp": "swiglu", "untie_embeddings": True}
+
+
+@pytest.mark.parametrize("trunk", [{}, LLAMA], ids=["gpt", "llama"])
+def test_cached_forward_in_pieces_equals_one_full_forward(trunk):
+    model = make_model(2, 2, trunk_options=trunk)
     ids = torch.randint(0, 64, (30,), generator=torch.Generator().manual_seed(0))
     cache = KVCache(model.trunk, 32)
     with torch.no_grad():
@@ -146,11 +154,12 @@ def test_greedy_speculative_output_is_the_greedy_autoregressive_output(n, r, hea
     assert 0 < passed < tested, (passed, tested)  # both paths of the verification ran
 
 
-def test_sdpa_and_local_attention_decode_the_same_tokens():
+@pytest.mark.parametrize("trunk", [{}, LLAMA], ids=["gpt", "llama"])
+def test_sdpa_and_local_attention_decode_the_same_tokens(trunk):
     """The KV cache under both core attentions (prefill with the kernel's causal mask, single-token steps,
     k-token verification with cached_forward's explicit mask): the same greedy tokens, past a window refill."""
     models = {
-        kind: make_model(3, 2, seq=24, sharpen=4.0, head_noise=0.3, attention=kind)
+        kind: make_model(3, 2, seq=24, sharpen=4.0, head_noise=0.3, attention=kind, trunk_options=trunk)
         for kind in ("local", "sdpa")
     }
     models["sdpa"].load_state_dict(models["local"].state_dict())

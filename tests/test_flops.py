@@ -62,10 +62,21 @@ class MatmulFlops(TorchDispatchMode):
 @pytest.mark.parametrize("freeze_trunk", [False, True])
 @pytest.mark.parametrize("attention", ["local", "sdpa"])
 def test_flops_per_token_are_the_matmuls_of_a_training_step(head, impl, freeze_trunk, attention):
+    check_flops(head, impl, freeze_trunk, attention)
+
+
+@pytest.mark.parametrize("freeze_trunk", [False, True])
+def test_flops_follow_grouped_query_attention_and_the_gated_mlp(freeze_trunk):
+    """A Llama-style trunk: 2 key/value groups for 4 heads, SwiGLU, untied output layer."""
+    check_flops("shared residual", "chunked", freeze_trunk, "sdpa", num_query_groups=2, mlp="swiglu",
+                untie_embeddings=True)  # fmt: skip
+
+
+def check_flops(head: str, impl: str, freeze_trunk: bool, attention: str, **trunk_options) -> None:
     initialize_parallel(1, 1, 1, seed=0)
     batch, seq = 2, 16
     trunk = TrunkConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=seq, vocab_size=64,
-                        ffn_hidden_size=48, attention=attention)  # fmt: skip
+                        ffn_hidden_size=48, attention=attention, **trunk_options)  # fmt: skip
     cfg = ModelConfig(trunk=trunk, cp=CPHeadConfig(horizon=3, rank=2, loss_impl=impl, **HEADS[head]))
     model = CPModel(cfg)
     if freeze_trunk:  # as finetune.freeze_trunk does: the trunk, its tied unembedding included

@@ -24,18 +24,21 @@ STEPS = 5
 SMALL = [*PARITY, f"train.steps={STEPS}", "train.micro_batch_size=2", "train.eval_batches=2"]
 
 SEPARATE = ["model.cp.parameterisation=separate"]
-# name: (processes, layout settings, model settings: the single-process reference runs with these)
+# Llama-style trunk: grouped-query attention (2 key/value heads for 4), SwiGLU, untied output layer.
+LLAMA = ["model.trunk.num_query_groups=2", "model.trunk.mlp=swiglu", "model.trunk.untie_embeddings=true"]
+# name: (processes, layout settings, model settings: the single-process reference runs with these). Every
+# kind of parallelism (tp, sp, pp, ep, dp) runs with the GPT-style trunk in some layout and with LLAMA in another.
 LAYOUTS = {
     "tp2": (2, ["parallel.tp=2"], []),
     "tp2_separate": (2, ["parallel.tp=2"], SEPARATE),
-    "tp2_sp": (2, ["parallel.tp=2", "parallel.sequence_parallel=true"], []),
-    "ep2_zero1": (2, ["parallel.ep=2", "optim.zero_stage=1"], []),
+    "tp2_sp_llama": (2, ["parallel.tp=2", "parallel.sequence_parallel=true"], LLAMA),
+    "ep2_zero1_llama": (2, ["parallel.ep=2", "optim.zero_stage=1"], LLAMA),
     "ep2_zero2_separate": (2, ["parallel.ep=2", "optim.zero_stage=2"], SEPARATE),
     "tp2_ep2_zero1": (4, ["parallel.tp=2", "parallel.ep=2", "optim.zero_stage=1"], []),
     "dp2_zero1": (2, ["optim.zero_stage=1"], []),
-    "dp2_zero2": (2, ["optim.zero_stage=2"], []),
+    "dp2_zero2_llama": (2, ["optim.zero_stage=2"], LLAMA),
     "pp2_zero1": (2, ["parallel.pp=2", "optim.zero_stage=1"], []),
-    "tp2_pp2_zero1": (4, ["parallel.tp=2", "parallel.pp=2", "optim.zero_stage=1"], []),
+    "tp2_pp2_zero1_llama": (4, ["parallel.tp=2", "parallel.pp=2", "optim.zero_stage=1"], LLAMA),
     "dp2_pp2_zero2_separate": (4, ["parallel.pp=2", "optim.zero_stage=2"], SEPARATE),
 }
 

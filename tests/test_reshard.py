@@ -31,12 +31,18 @@ ARGS = [
     "checkpoint.every=4",
 ]
 # name: (processes and settings that save, processes and settings that resume)
+# Llama-style trunk (grouped-query attention, SwiGLU, untied output layer) in two cases: the gated MLP's
+# first projection holds each tp rank's slice of both halves, resliced both ways.
+LLAMA = ["model.trunk.num_query_groups=2", "model.trunk.mlp=swiglu", "model.trunk.untie_embeddings=true"]
 CASES = {
-    "tp2_to_tp1": ((2, ["parallel.tp=2"]), (1, [])),
+    "tp2_to_tp1_llama": ((2, ["parallel.tp=2", *LLAMA]), (1, LLAMA)),
     "pp2_to_pp1": ((2, ["parallel.pp=2", "optim.zero_stage=1"]), (1, ["optim.zero_stage=1"])),
     "ep2_to_ep1": ((2, ["parallel.ep=2", "optim.zero_stage=1"]), (1, ["optim.zero_stage=1"])),
     # The source writes its checkpoints in the background (checkpoint.async_save).
-    "dp2_zero2_to_tp2": ((2, ["optim.zero_stage=2", "checkpoint.async_save=true"]), (2, ["parallel.tp=2"])),
+    "dp2_zero2_to_tp2_llama": (
+        (2, ["optim.zero_stage=2", "checkpoint.async_save=true", *LLAMA]),
+        (2, ["parallel.tp=2", *LLAMA]),
+    ),
     # Same layout: ZeRO fragments of expert-parallel components go back where they came from, to the bit.
     "ep2_to_ep2": (
         (2, ["parallel.ep=2", "optim.zero_stage=1"]),

@@ -308,3 +308,25 @@ def test_attention_choice_resolves_te_then_sdpa(groups: ParallelGroups, monkeypa
     assert (
         attention.resolve_attention("local") == "local" and attention.core_attention_module("local") is None
     )
+
+
+def test_rope_scaling_follows_llama_3_1(groups: ParallelGroups) -> None:
+    """model.trunk.rope_scaling_factor: the RoPE inverse frequencies against Llama 3.1's rule, written out here:
+    wavelengths 2π/f above 8192 / 1 (the low-frequency bound) are divided by the factor, those below 8192 / 4
+    kept, and those between interpolated with weight (8192 / wavelength − 1) / (4 − 1) on the kept value."""
+    import math
+
+    base, factor, dim = 500000, 32.0, CFG.hidden_size // CFG.num_attention_heads
+    plain = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    wavelength = 2 * math.pi / plain
+    smooth = ((8192 / wavelength - 1) / (4 - 1)).clamp(0, 1)
+    expected = torch.where(
+        wavelength > 8192,
+        plain / factor,
+        torch.where(wavelength < 2048, plain, (1 - smooth) * plain / factor + smooth * plain),
+    )
+    for scaling, want in ((0.0, plain), (factor, expected)):
+        cfg = TrunkConfig(**{**CFG.__dict__, "rotary_base": base, "rope_scaling_factor": scaling})
+        got = build_trunk(cfg).rotary_pos_emb.inv_freq
+        torch.testing.assert_close(got.float(), want, rtol=1e-6, atol=0)
+    assert not torch.allclose(expected, plain)  # the rule changes some frequencies at this head width

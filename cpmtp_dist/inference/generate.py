@@ -62,7 +62,11 @@ def load_for_inference(
     device = device or torch.device("cpu")
     dtype = dtype or training_dtype(cfg, device)
     model = CPModel(cfg.model, params_dtype=dtype).to(device)
-    result = model.load_state_dict(read_model_state(ckpt), strict=False)
+    state = read_model_state(ckpt)
+    for name, p in model.named_parameters():
+        if getattr(p, "glu_halves", False) and name in state:
+            state[name] = state[name].reshape(p.shape)  # stored as (2, f, d): parallel/sharded_state.glu_view
+    result = model.load_state_dict(state, strict=False)
     params = {name for name, _ in model.named_parameters()}
     wrong = [k for k in result.missing_keys if k in params] + list(result.unexpected_keys)
     if wrong:

@@ -114,7 +114,8 @@ class CPModel(nn.Module):
         return trunk_hidden(self.trunk, tokens)
 
     def unembedding(self) -> Tensor:
-        """The trunk's tied (V, d) unembedding, shared by the `shared` parameterisation."""
+        """The trunk's (V, d) unembedding (tied, or the untied output layer's), used by the `shared`
+        parameterisation."""
         return unembedding_weight(self.trunk)
 
     def global_name(self, name: str) -> str:
@@ -122,8 +123,9 @@ class CPModel(nn.Module):
         of the tied unembedding is the word embedding)."""
         if self.stage.size == 1 or not name.startswith("trunk."):
             return name
+        trunk = self.cfg.trunk
         return "trunk." + global_param_name(
-            name.removeprefix("trunk."), self.stage, self.cfg.trunk.num_layers
+            name.removeprefix("trunk."), self.stage, trunk.num_layers, tied=not trunk.untie_embeddings
         )
 
     def stage_output(self, tokens: Tensor) -> Tensor:

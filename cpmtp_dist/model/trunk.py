@@ -25,6 +25,7 @@ from cpmtp_dist.config import TrunkConfig
 from cpmtp_dist.model.attention import core_attention_module, resolve_attention
 from cpmtp_dist.parallel.pipeline import PipelineStage
 from cpmtp_dist.parallel.sequence import SequenceParallelNorm
+from cpmtp_dist.parallel.sharded_state import glu_view
 from cpmtp_dist.parallel.state import get_parallel_groups
 
 
@@ -41,11 +42,13 @@ def make_transformer_config(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
         num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_query_groups,
         ffn_hidden_size=cfg.ffn_hidden_size or 4 * cfg.hidden_size,
         normalization=cfg.normalization,
-        # GPT-style MLP (GELU, not gated) with bias-free linears, as most current LMs.
-        activation_func=F.gelu,
-        gated_linear_unit=False,
+        layernorm_epsilon=cfg.norm_epsilon,
+        # GPT-style MLP (GELU) or Llama-style gated SiLU (SwiGLU), with bias-free linears as most current LMs.
+        activation_func=F.silu if cfg.mlp == "swiglu" else F.gelu,
+        gated_linear_unit=cfg.mlp == "swiglu",
         add_bias_linear=False,
         hidden_dropout=cfg.dropout,
         attention_dropout=cfg.dropout,
@@ -115,14 +118,19 @@ def build_trunk(
         post_process=post_process,
         # Logits stay split over the vocabulary under TP; the loss is computed vocabulary-parallel.
         parallel_output=True,
-        share_embeddings_and_output_weights=True,
+        share_embeddings_and_output_weights=not cfg.untie_embeddings,
         position_embedding_type="rope",
         rotary_percent=1.0,
         rotary_base=cfg.rotary_base,
+        rope_scaling=cfg.rope_scaling_factor > 0,
+        rope_scaling_factor=cfg.rope_scaling_factor or 8.0,
     )
     if params_dtype != torch.float32:
         # The local spec's torch norms ignore params_dtype; megatron's Float16Module would cast them too.
         model.to(dtype=params_dtype)
+    if cfg.mlp == "swiglu":
+        for layer in model.decoder.layers:
+            layer.mlp.linear_fc1.weight.glu_halves = True  # see `glu_view`
     return model
 
 
@@ -179,13 +187,15 @@ def trunk_hidden(model: GPTModel, tokens: Tensor) -> Tensor:
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 TIED_COPY = "output_layer.weight"
-"""The last pipeline stage's copy of the tied unembedding (absent from a single-stage trunk)."""
+"""The last pipeline stage's copy of the tied unembedding (absent from a single-stage trunk with tied
+embeddings)."""
 
 
-def global_param_name(name: str, stage: PipelineStage, num_layers: int) -> str:
+def global_param_name(name: str, stage: PipelineStage, num_layers: int, tied: bool = True) -> str:
     """The name in the single-stage trunk of a stage's parameter: stage layer i is layer
-    i + stage.rank * num_layers / stage.size, and the tied copy is the word embedding."""
-    if name == TIED_COPY:
+    i + stage.rank * num_layers / stage.size, and the tied copy is the word embedding (an untied output
+    layer is a parameter of its own)."""
+    if name == TIED_COPY and tied:
         return "embedding.word_embeddings.weight"
     offset = stage.rank * (num_layers // stage.size)
     return _LAYER.sub(lambda m: f"decoder.layers.{int(m.group(1)) + offset}.", name)
@@ -205,24 +215,31 @@ def init_trunk_weights(model: GPTModel, cfg: TrunkConfig, seed: int, stage: Pipe
     for name, param in model.named_parameters():
         if param.dim() < 2:
             continue
-        full_name = global_param_name(name, stage, cfg.num_layers)
-        shape = list(param.shape)
+        full_name = global_param_name(name, stage, cfg.num_layers, tied=not cfg.untie_embeddings)
+        local = glu_view(param, param)
+        dim = param.partition_dim + local.dim() - param.dim() if hasattr(param, "partition_dim") else 0
+        shape = list(local.shape)
         split = groups.tp_size > 1 and getattr(param, "tensor_model_parallel", False)
         if split:
-            shape[param.partition_dim] *= groups.tp_size
+            shape[dim] *= groups.tp_size
         gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{full_name}".encode()))
         scale = std / math.sqrt(2.0 * cfg.num_layers) if full_name.endswith(_OUTPUT_PROJECTIONS) else std
         full = torch.randn(shape, generator=gen, dtype=torch.float32) * scale
         if split:
-            full = full.chunk(groups.tp_size, dim=param.partition_dim)[groups.tp_rank]
-        param.copy_(full)
+            full = full.chunk(groups.tp_size, dim=dim)[groups.tp_rank]
+        local.copy_(full)
 
 
 _OUTPUT_PROJECTIONS = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight")
 
 
 def unembedding_weight(model: GPTModel) -> Tensor:
-    """The tied (V_local, d) unembedding, V_local = V / tp: the word embedding on the first stage."""
+    """The (V_local, d) unembedding, V_local = V / tp: the output layer's own weight when untied (last stage),
+    else the tied one (the word embedding on the first stage, its copy on the last)."""
+    if not model.share_embeddings_and_output_weights:
+        if not model.post_process:
+            raise ValueError("this pipeline stage does not hold the (untied) output layer")
+        return model.output_layer.weight
     weight = model.shared_embedding_or_output_weight()
     if weight is None:
         raise ValueError("this pipeline stage holds neither the embedding nor the output layer")

@@ -9,7 +9,8 @@ Note: the tied embedding. The first stage's word embedding and the last stage's 
 are one parameter of the model held twice. Both copies start equal (same initialisation), and after each
 backward `finalize_tied_embedding_grads` sums their gradients over Megatron's embedding group, so both
 take the same optimizer step. The last stage's copy is marked `ds_pipe_replicated` so that DeepSpeed's
-gradient norm counts the parameter once.
+gradient norm counts the parameter once. With `model.trunk.untie_embeddings` the output layer is the last
+stage's own parameter and none of this happens.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ def finalize_tied_embedding_grads(models: list[nn.Module], *args: Any, **kwargs:
     """
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         return
+    if not models[0].share_embeddings_and_output_weights:
+        return  # untied: the output layer is the last stage's own parameter
     if not parallel_state.is_rank_in_embedding_group():
         return
     weight = models[0].shared_embedding_or_output_weight()
@@ -76,7 +79,7 @@ def prepare_trunk_for_schedule(trunk: nn.Module, stage: PipelineStage, dtype: to
     config.finalize_model_grads_func = finalize_tied_embedding_grads
     config.grad_scale_func = None  # no fp16 loss scaling (fp32 or bf16)
     config.no_sync_func = None  # DeepSpeed owns the data-parallel reduction
-    if stage.size > 1 and stage.is_last and not stage.is_first:
+    if stage.size > 1 and stage.is_last and not stage.is_first and trunk.share_embeddings_and_output_weights:
         trunk.shared_embedding_or_output_weight().ds_pipe_replicated = True
 
 

@@ -29,13 +29,25 @@ MOMENTS = ("exp_avg", "exp_avg_sq")
 """The state AdamW keeps per parameter (besides its step count)."""
 
 
+def glu_view(tensor: Tensor, param: nn.Parameter) -> Tensor:
+    """A gated MLP's first projection as (2, f_local, d): its rows are [gate; up], and under tensor
+    parallelism each rank holds its slice of *both* halves (Megatron splits the local output in two). Seen
+    this way the rank's slice is contiguous along dimension 1, which is how initialisation (`model/trunk.py`) and
+    checkpoints treat it (the checkpoint stores the whole (2, f, d)). Other parameters are returned as they are."""
+    if getattr(param, "glu_halves", False):
+        return tensor.view(2, tensor.shape[0] // 2, *tensor.shape[1:])
+    return tensor
+
+
 def _shard(key: str, local: Tensor, p: nn.Parameter, groups: ParallelGroups) -> ShardedTensor:
     """`local` (shaped like parameter `p` on this rank) as a slice of the global tensor `key`."""
     offsets = []
     tp_split = groups.tp_size > 1 and getattr(p, "tensor_model_parallel", False)
     ep_split = groups.ep_size > 1 and getattr(p, "expert_parallel", False)
+    view = glu_view(local, p)
     if tp_split:
-        offsets.append((p.partition_dim, groups.tp_rank, groups.tp_size))
+        offsets.append((p.partition_dim + view.dim() - local.dim(), groups.tp_rank, groups.tp_size))
+    local = view
     if ep_split:
         if tp_split and p.partition_dim == 0:
             raise NotImplementedError(f"{key}: split over tp and ep along the same dimension")
@@ -154,7 +166,7 @@ def apply_model_state(model: nn.Module, loaded: dict[str, Any], groups: Parallel
     """Copy loaded `model.<name>` slices into the module's parameters."""
     names = _global_names(model, groups)
     for name, p in model.named_parameters():
-        p.copy_(loaded[f"model.{names[name]}"])
+        p.copy_(loaded[f"model.{names[name]}"].reshape(p.shape))
 
 
 @torch.no_grad()
@@ -184,17 +196,18 @@ def apply_optimizer_state(engine: Any, loaded: dict[str, Any], groups: ParallelG
         if not p.requires_grad:
             continue
         gname = names[name]
-        master = loaded.get(f"optimizer.master.{gname}", p.detach().float())
+        master = loaded.get(f"optimizer.master.{gname}", p.detach().float()).reshape(p.shape)
+        moments = {key: loaded[f"optimizer.{key}.{gname}"].reshape(p.shape) for key in MOMENTS}
         if _partitioned(p):
             safe_set_full_fp32_param(p, master)
             for key in MOMENTS:
-                safe_set_full_optimizer_state(p, loaded[f"optimizer.{key}.{gname}"], key)
+                safe_set_full_optimizer_state(p, moments[key], key)
         else:
             holder = masters.get(id(p), p)
             if holder is not p:
                 holder.copy_(master)
             for key in MOMENTS:
-                base.state[holder][key].copy_(loaded[f"optimizer.{key}.{gname}"])
+                base.state[holder][key].copy_(moments[key])
     sched = engine.lr_scheduler
     sched.last_epoch = loaded["lr_step"] - 1
     sched.step()  # sets every group's learning rate for step `lr_step`, as the saving run had it

@@ -76,7 +76,10 @@ def forward_flops_per_token(cfg: ModelConfig) -> tuple[float, float]:
     CP head (gate, φ maps, r·n unembeddings)."""
     t, c = cfg.trunk, cfg.cp
     d, f, seq = t.hidden_size, t.ffn_hidden_size or 4 * t.hidden_size, t.seq_length
-    per_layer = 2 * (4 * d * d + 2 * d * f) + 2 * 2 * seq * d  # projections + MLP + scores/values
+    kv = d * (t.num_query_groups or t.num_attention_heads) // t.num_attention_heads  # width of K (and of V)
+    projections = 2 * d * d + 2 * d * kv  # Q and the output projection, K and V (grouped-query: kv < d)
+    mlp = (3 if t.mlp == "swiglu" else 2) * d * f  # gate, up and down; or up and down
+    per_layer = 2 * (projections + mlp) + 2 * 2 * seq * d  # projections + MLP + scores/values
     gate, phi, unembed = head_forward_parts(c, t)
     return float(t.num_layers * per_layer), gate + c.rank * c.horizon * (phi + unembed)
 
