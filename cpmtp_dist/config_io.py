@@ -5,7 +5,9 @@ resolves keys and types; :func:`validate_config` checks the values against each 
 against the launch (world size, CUDA), because those facts are only known at run time.
 
 Both stages collect every problem they find and raise a single :class:`ConfigError`, so a user
-fixes a config in one round instead of one error per run.
+fixes a config in one round instead of one error per run. Validation runs one checker per section; the
+fit to the world size is :class:`cpmtp_dist.layout.Layout`'s. No training code is imported, and torch only
+for the CUDA probe of a bf16-only setting, so a login node or a launcher checks a config cheaply.
 """
 
 from __future__ import annotations
@@ -15,14 +17,17 @@ import difflib
 import math
 import types
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from functools import reduce
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
+from cpmtp_dist.checkpoint_paths import FinetuneError, resolve_init_checkpoint
 from cpmtp_dist.config import Config
+from cpmtp_dist.data.data_path import parse_data_path
+from cpmtp_dist.layout import Layout
 
 __all__ = ["ConfigError", "config_to_dict", "load_config", "save_config", "validate_config"]
 
@@ -373,24 +378,290 @@ def _cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
-def _deepspeed_problems(cfg: Config, ok: Callable[..., bool], cuda_available: bool | None) -> list[str]:
+@dataclasses.dataclass
+class _Checker:
+    """The config under check, the problems found so far, and the settings whose type is wrong."""
+
+    cfg: Config
+    problems: list[str] = dataclasses.field(default_factory=list)
+    bad: set[str] = dataclasses.field(default_factory=set)
+
+    def ok(self, *paths: str) -> bool:
+        """Whether the settings have the right type (range checks on a value of the wrong type would raise or
+        mislead; its type error suffices)."""
+        return not any(p == b or p.startswith(f"{b}.") for p in paths for b in self.bad)
+
+    def get(self, path: str) -> Any:
+        return reduce(getattr, path.split("."), self.cfg)
+
+    def positive(self, *paths: str) -> bool:
+        return self.ok(*paths) and all(self.get(p) is not None and self.get(p) >= 1 for p in paths)
+
+    def add(self, problem: str) -> None:
+        self.problems.append(problem)
+
+
+def _check_minimums(c: _Checker) -> None:
+    for path, minimum, meaning in _MINIMUMS:
+        value = c.get(path)
+        if c.ok(path) and value is not None and value < minimum:
+            what = "a positive integer" if minimum == 1 else "0 or more"
+            c.add(f"{path}={_fmt(value)} is below {minimum}: set {path} to {what}{meaning}")
+
+
+def _check_model(c: _Checker) -> None:
+    trunk, cp = c.cfg.model.trunk, c.cfg.model.cp
+    if c.positive("model.trunk.hidden_size", "model.trunk.num_attention_heads"):
+        if trunk.hidden_size % trunk.num_attention_heads:
+            c.add(
+                f"model.trunk.hidden_size={trunk.hidden_size} is not divisible by model.trunk.num_attention_heads="
+                f"{trunk.num_attention_heads}: set model.trunk.hidden_size to a multiple of it (or change the heads)"
+            )
+    groups = trunk.num_query_groups if c.ok("model.trunk.num_query_groups") else None
+    if groups is not None and c.positive("model.trunk.num_attention_heads"):
+        heads = trunk.num_attention_heads
+        if groups < 1 or heads % groups:
+            c.add(
+                f"model.trunk.num_query_groups={groups} does not divide model.trunk.num_attention_heads={heads} "
+                "(each key/value head serves an equal share of the query heads): set it to a divisor of "
+                f"{heads}, or to null for one per head"
+            )
+    if c.ok("model.trunk.rope_scaling_factor") and trunk.rope_scaling_factor < 0:
+        c.add(
+            f"model.trunk.rope_scaling_factor={trunk.rope_scaling_factor} must be >= 0: 0 for plain RoPE, or "
+            "Llama 3.1's factor (e.g. 8 or 32)"
+        )
+    if c.ok("model.trunk.norm_epsilon") and not trunk.norm_epsilon > 0:
+        c.add(f"model.trunk.norm_epsilon={trunk.norm_epsilon} must be > 0: e.g. 1e-5")
+    if (
+        c.ok("model.trunk.untie_embeddings", "model.cp.parameterisation", "finetune.freeze_trunk")
+        and trunk.untie_embeddings
+        and cp.parameterisation == "separate"
+        and not c.cfg.finetune.freeze_trunk
+    ):
+        c.add(
+            "model.trunk.untie_embeddings=true with model.cp.parameterisation='separate': the output layer would "
+            "be trained but never used (the separate head has its own unembeddings), so it would receive no "
+            "gradient; set model.trunk.untie_embeddings to false, or model.cp.parameterisation to 'shared'"
+        )
+    if c.ok("model.trunk.dropout") and not 0 <= trunk.dropout < 1:
+        c.add(f"model.trunk.dropout={trunk.dropout} is outside [0, 1): set it to e.g. 0.0 or 0.1")
+    if c.ok("model.trunk.init_method_std") and trunk.init_method_std <= 0:
+        c.add(f"model.trunk.init_method_std={trunk.init_method_std} must be > 0: e.g. 0.02")
+    if c.positive("model.cp.horizon", "model.trunk.seq_length") and cp.horizon >= trunk.seq_length:
+        c.add(
+            f"model.cp.horizon={cp.horizon} must be smaller than model.trunk.seq_length={trunk.seq_length} "
+            "(each position needs n future tokens inside the sequence): lower model.cp.horizon or raise seq_length"
+        )
+    # model.cp.phi only matters for the `shared` parameterisation; under `separate` it is ignored.
+
+
+def _check_optim(c: _Checker) -> None:
+    opt = c.cfg.optim
+    if c.ok("optim.lr") and opt.lr <= 0:
+        c.add(f"optim.lr={opt.lr} must be > 0: set optim.lr to a positive learning rate, e.g. 1e-3")
+    if c.ok("optim.min_lr") and opt.min_lr < 0:
+        c.add(f"optim.min_lr={opt.min_lr} must be >= 0: set it to 0 or a small positive rate")
+    elif c.ok("optim.min_lr", "optim.lr") and opt.lr > 0 and opt.min_lr > opt.lr:
+        c.add(
+            f"optim.min_lr={opt.min_lr} is larger than optim.lr={opt.lr}: the cosine decay must end at or "
+            "below the peak, so lower optim.min_lr (or raise optim.lr)"
+        )
+    for name in ("beta1", "beta2"):
+        beta = getattr(opt, name)
+        if c.ok(f"optim.{name}") and not 0 <= beta < 1:
+            c.add(f"optim.{name}={beta} is outside [0, 1): set it to e.g. 0.9 (beta1) or 0.95 (beta2)")
+    if c.ok("optim.eps") and opt.eps <= 0:
+        c.add(f"optim.eps={opt.eps} must be > 0: e.g. 1e-8")
+
+
+def _check_train_and_data(c: _Checker) -> None:
+    train, data, trunk = c.cfg.train, c.cfg.data, c.cfg.model.trunk
+    if c.positive("train.global_batch_size", "train.micro_batch_size"):
+        if train.global_batch_size % train.micro_batch_size:
+            c.add(
+                f"train.global_batch_size={train.global_batch_size} is not divisible by train.micro_batch_size="
+                f"{train.micro_batch_size}: set train.global_batch_size to a multiple of train.micro_batch_size"
+            )
+    if c.ok("data.heldout_fraction") and not 0 < data.heldout_fraction <= 0.5:
+        c.add(
+            f"data.heldout_fraction={data.heldout_fraction} is outside (0, 0.5]: set it to a small fraction such as 0.02"
+        )
+    if c.ok("data.path") and data.path is not None:
+        if not data.path.strip():
+            c.add("data.path='' is empty: set it to a folder of prepared shards, or null for data.corpus")
+        else:
+            try:
+                parse_data_path(data.path)
+            except ValueError as err:
+                c.add(str(err))
+    if (
+        c.positive("data.tokenizer_vocab_size", "model.trunk.vocab_size")
+        and c.ok("data.path")
+        and data.path is None
+        and data.tokenizer_vocab_size > trunk.vocab_size
+    ):
+        c.add(
+            f"data.tokenizer_vocab_size={data.tokenizer_vocab_size} exceeds model.trunk.vocab_size={trunk.vocab_size}: "
+            "token ids would fall outside the embedding, so raise model.trunk.vocab_size or lower the tokenizer's"
+        )
+
+
+def _check_parallel_shapes(c: _Checker) -> None:
+    """The model's sizes against the degrees that split them."""
+    trunk, cp, par = c.cfg.model.trunk, c.cfg.model.cp, c.cfg.parallel
+    if c.ok("parallel.sequence_parallel", "parallel.tp") and par.sequence_parallel and par.tp <= 1:
+        c.add(
+            f"parallel.sequence_parallel=true needs parallel.tp > 1 (got parallel.tp={par.tp}): "
+            "set parallel.sequence_parallel to false or raise parallel.tp"
+        )
+    if c.positive("model.cp.rank", "parallel.ep") and cp.rank % par.ep:
+        c.add(
+            f"model.cp.rank={cp.rank} is not divisible by parallel.ep={par.ep}: set model.cp.rank to a multiple "
+            "of parallel.ep (or change parallel.ep)"
+        )
+    for path, what in (
+        ("model.trunk.num_attention_heads", "the heads are split over tensor-parallel ranks"),
+        ("model.trunk.num_query_groups", "the key/value heads are split over tensor-parallel ranks"),
+        ("model.trunk.vocab_size", "the unembedding is split by vocabulary over tensor-parallel ranks"),
+    ):
+        if c.positive(path, "parallel.tp") and c.get(path) % par.tp:
+            c.add(
+                f"{path}={c.get(path)} is not divisible by parallel.tp={par.tp} ({what}): set {path} to a "
+                "multiple of parallel.tp (or change parallel.tp)"
+            )
+    if c.positive("model.trunk.hidden_size", "parallel.tp") and c.ok("model.trunk.ffn_hidden_size"):
+        ffn = trunk.ffn_hidden_size if trunk.ffn_hidden_size is not None else 4 * trunk.hidden_size
+        if ffn >= 1 and ffn % par.tp:
+            c.add(
+                f"the MLP width {ffn} (model.trunk.ffn_hidden_size={_fmt(trunk.ffn_hidden_size)}) is not divisible "
+                f"by parallel.tp={par.tp} (the MLP is split over tensor-parallel ranks): set "
+                "model.trunk.ffn_hidden_size to a multiple of parallel.tp (or change parallel.tp)"
+            )
+    if c.positive("model.trunk.num_layers", "parallel.pp") and trunk.num_layers % par.pp:
+        c.add(
+            f"model.trunk.num_layers={trunk.num_layers} is not divisible by parallel.pp={par.pp} (each pipeline "
+            "stage holds the same number of layers): set model.trunk.num_layers to a multiple of parallel.pp "
+            "(or change parallel.pp)"
+        )
+    if (
+        c.ok("parallel.sequence_parallel")
+        and par.sequence_parallel
+        and c.positive("model.trunk.seq_length", "parallel.tp")
+        and trunk.seq_length % par.tp
+    ):
+        c.add(
+            f"model.trunk.seq_length={trunk.seq_length} is not divisible by parallel.tp={par.tp}, which "
+            "parallel.sequence_parallel=true needs: set seq_length to a multiple of parallel.tp"
+        )
+
+
+def _check_parallel_support(c: _Checker) -> None:
+    """What the parallel implementation requires of the loss and of ZeRO."""
+    par, zero_stage = c.cfg.parallel, c.cfg.optim.zero_stage
+    if c.ok("parallel.tp", "parallel.ep", "model.cp.loss_impl") and (par.tp > 1 or par.ep > 1):
+        if c.cfg.model.cp.loss_impl == "naive":
+            c.add(
+                "model.cp.loss_impl='naive' is a single-device reference: set it to 'chunked' when "
+                "parallel.tp or parallel.ep > 1"
+            )
+    if c.ok("parallel.ep", "optim.zero_stage") and par.ep > 1 and zero_stage == 0:
+        c.add(
+            f"parallel.ep={par.ep} needs optim.zero_stage >= 1 (DeepSpeed's ZeRO-0 gradient clipping mis-counts "
+            "components sharded over ranks): set optim.zero_stage to 1 or 2"
+        )
+    if c.ok("optim.zero_stage") and zero_stage == 3:
+        c.add(
+            "optim.zero_stage=3 is not supported: the chunked CP loss recomputes the head's factors during "
+            "the backward pass, after ZeRO-3 has released the head's parameters; set optim.zero_stage to 1 "
+            "(optimizer states sharded over dp) or 2 (optimizer states and gradients)"
+        )
+    elif c.ok("parallel.pp", "optim.zero_stage") and par.pp > 1 and zero_stage not in (1, 2):
+        c.add(
+            f"parallel.pp={par.pp} needs optim.zero_stage 1 or 2 (got {zero_stage}): DeepSpeed's "
+            "ZeRO-0 gradient clipping leaves out the parameters of the last pipeline stage; set "
+            "optim.zero_stage to 1 or 2"
+        )
+
+
+def _check_finetune(c: _Checker) -> None:
+    """Head-only fine-tuning: the source checkpoint and the frozen trunk (distillation: `_check_distill`)."""
+    ft, par = c.cfg.finetune, c.cfg.parallel
+    if c.ok("finetune.distill_weight") and not 0 <= ft.distill_weight <= 1:
+        c.add(
+            f"finetune.distill_weight={ft.distill_weight} is outside [0, 1]: set it to e.g. 0.5 (0 turns "
+            "distillation off)"
+        )
+    if c.ok("finetune.init_from") and ft.init_from is not None:
+        if not ft.init_from.strip():
+            c.add(
+                "finetune.init_from='' is empty: set it to a checkpoint folder (or a run's checkpoints/ "
+                "folder), or null to start from train.seed"
+            )
+        else:
+            try:
+                resolve_init_checkpoint(ft.init_from)
+            except FinetuneError as err:
+                c.add(str(err))
+    if c.ok("finetune.init_from", "finetune.freeze_trunk") and ft.freeze_trunk and ft.init_from is None:
+        c.add(
+            "finetune.freeze_trunk=true without finetune.init_from would freeze a randomly initialised trunk: "
+            "set finetune.init_from to a trained checkpoint (or finetune.freeze_trunk to false)"
+        )
+    if c.ok("finetune.freeze_trunk", "parallel.pp") and ft.freeze_trunk and par.pp > 1:
+        c.add(
+            f"finetune.freeze_trunk=true is not supported with parallel.pp={par.pp} yet: the pipeline stages "
+            "before the last hold only trunk layers, so they would have nothing to train; set parallel.pp to 1 "
+            "(tp, ep and data parallelism work)"
+        )
+
+
+def _check_distill(c: _Checker) -> None:
+    """Distillation from the source checkpoint's next-token model (`finetune.distill_weight` > 0)."""
+    ft, par = c.cfg.finetune, c.cfg.parallel
+    if not (c.ok("finetune.distill_weight") and ft.distill_weight > 0):
+        return
+    if c.ok("finetune.init_from") and ft.init_from is None:
+        c.add(
+            f"finetune.distill_weight={ft.distill_weight} needs finetune.init_from (the teacher is the source "
+            "checkpoint's next-token model): set finetune.init_from, or finetune.distill_weight to 0"
+        )
+    if c.ok("finetune.freeze_trunk") and not ft.freeze_trunk:
+        c.add(
+            f"finetune.distill_weight={ft.distill_weight} needs finetune.freeze_trunk=true (the teacher shares "
+            "the trunk, which must stay the source's): set finetune.freeze_trunk to true, or "
+            "finetune.distill_weight to 0"
+        )
+    if c.ok("parallel.tp", "parallel.pp", "parallel.ep", "parallel.sequence_parallel"):
+        degrees = {"parallel.tp": par.tp, "parallel.pp": par.pp, "parallel.ep": par.ep}
+        other = [f"{k}={v}" for k, v in degrees.items() if v != 1]
+        other += ["parallel.sequence_parallel=true"] if par.sequence_parallel else []
+        if other:
+            c.add(
+                f"finetune.distill_weight={ft.distill_weight} is not supported with {', '.join(other)} yet: "
+                "distillation runs at parallel.tp = pp = ep = 1 without sequence parallelism (scale out with "
+                "data parallelism), or set finetune.distill_weight to 0"
+            )
+
+
+def _check_deepspeed(c: _Checker, cuda_available: bool | None) -> None:
     """The DeepSpeed settings of `cfg.optim` that DeepSpeed 0.19.8 would reject, or that would silently not do
     what they say, given the layout and the precision (`train.precision='auto'` is bf16 where CUDA is)."""
-    opt, par, problems = cfg.optim, cfg.parallel, []
+    opt, par, ok = c.cfg.optim, c.cfg.parallel, c.ok
     if ok("optim.allgather_bucket_size") and (opt.allgather_bucket_size < 2 or opt.allgather_bucket_size % 2):
-        problems.append(
+        c.add(
             f"optim.allgather_bucket_size={opt.allgather_bucket_size} must be a positive even number (DeepSpeed's "
             "ZeRO optimizer asserts a multiple of its all-gather alignment, 2): set optim.allgather_bucket_size to "
             "an even number such as 200000000"
         )
     sharded = ok("optim.zero_stage", "parallel.ep") and opt.zero_stage in (1, 2) and par.ep > 1
     if sharded and ok("optim.reduce_scatter") and not opt.reduce_scatter:
-        problems.append(
+        c.add(
             f"optim.reduce_scatter=false with parallel.ep={par.ep}: DeepSpeed's ZeRO optimizer supports expert "
             "(MoE) parameter groups only with reduce-scatter (it asserts it); set optim.reduce_scatter to true"
         )
     if sharded and opt.zero_stage == 2 and ok("optim.contiguous_gradients") and not opt.contiguous_gradients:
-        problems.append(
+        c.add(
             f"optim.contiguous_gradients=false with parallel.ep={par.ep} and optim.zero_stage=2: DeepSpeed's "
             "ZeRO-2 supports expert (MoE) parameter groups only with contiguous gradients (it asserts it); set "
             "optim.contiguous_gradients to true"
@@ -398,29 +669,60 @@ def _deepspeed_problems(cfg: Config, ok: Callable[..., bool], cuda_available: bo
     fp32_accum = (
         ok("optim.grad_accum_dtype", "optim.zero_stage", "parallel.pp", "train.precision")
         and opt.grad_accum_dtype == "fp32"
-        and cfg.train.precision != "fp32"
+        and c.cfg.train.precision != "fp32"
         and (opt.zero_stage == 0 or (opt.zero_stage in (1, 2) and par.pp > 1))
     )
     if not fp32_accum:
-        return problems
+        return
     has_cuda = _cuda_available() if cuda_available is None else cuda_available
-    if cfg.train.precision == "auto" and not has_cuda:
-        return problems  # auto is fp32 on a CPU, where the setting has nothing to do
+    if c.cfg.train.precision == "auto" and not has_cuda:
+        return  # auto is fp32 on a CPU, where the setting has nothing to do
     if opt.zero_stage == 0:
-        problems.append(
+        c.add(
             "optim.grad_accum_dtype='fp32' in a bf16 run needs optim.zero_stage 1 or 2: without ZeRO, DeepSpeed "
             "accumulates bf16 gradients only in bf16 (it raises 'unsupported mix of model_dtype and "
             "grad_accum_dtype'); set optim.zero_stage to 1 or 2, or optim.grad_accum_dtype to 'auto' or 'bf16'"
         )
     else:
-        problems.append(
+        c.add(
             f"optim.grad_accum_dtype='fp32' in a bf16 run is not supported with parallel.pp={par.pp}: Megatron's "
             "pipeline schedule accumulates the micro-batches' gradients in the parameters' bf16 .grad before "
             "DeepSpeed reduces them once (DeepSpeed cannot coalesce that reduction for its fp32-accumulating "
             "BF16_Optimizer of ZeRO-1, and under ZeRO-2 the setting would change nothing); set "
             "optim.grad_accum_dtype to 'auto' or 'bf16'"
         )
-    return problems
+
+
+def _check_tracking(c: _Checker) -> None:
+    tracking = c.cfg.tracking
+    for name in ("system_metrics_interval_s", "retry_every_s"):
+        if c.ok(f"tracking.{name}") and not c.get(f"tracking.{name}") > 0:
+            c.add(f"tracking.{name}={c.get(f'tracking.{name}')} must be > 0: e.g. 10")
+    if c.ok("tracking.flush_timeout_s") and not tracking.flush_timeout_s >= 0:
+        c.add(f"tracking.flush_timeout_s={tracking.flush_timeout_s} must be >= 0 (0: do not wait at the end)")
+    if c.ok("tracking.uri") and tracking.uri is not None and not tracking.uri.strip():
+        c.add(
+            "tracking.uri='' is empty: set it to a tracking URI such as http://127.0.0.1:5000, or null for "
+            "the run directory's sqlite file (tracking.enabled=false turns tracking off)"
+        )
+
+
+def _check_world(c: _Checker, world_size: Any) -> None:
+    """The launch: `world_size` processes against the degrees and batch sizes (see `Layout.problems`)."""
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        c.add(f"world_size={world_size!r} must be a positive integer (the number of processes)")
+    elif c.positive("parallel.tp", "parallel.pp"):
+        par, train = c.cfg.parallel, c.cfg.train
+        batches = c.positive("train.global_batch_size", "train.micro_batch_size")
+        layout = Layout(
+            world_size,
+            par.tp,
+            par.pp,
+            par.ep if c.positive("parallel.ep") else None,
+            train.global_batch_size if batches else None,
+            train.micro_batch_size if batches else None,
+        )
+        c.problems += layout.problems()
 
 
 def validate_config(
@@ -433,307 +735,19 @@ def validate_config(
     the checks of bf16-only settings, e.g. when a login node without a GPU validates a config for a GPU job.
     Raises :class:`ConfigError`.
     """
-    problems: list[str] = []
-    bad: set[str] = set()
-    _collect_type_problems(cfg, Config, "", problems, bad)
-
-    def ok(*paths: str) -> bool:
-        # Range checks on a value of the wrong type would raise or mislead; its type error suffices.
-        return not any(p == b or p.startswith(f"{b}.") for p in paths for b in bad)
-
-    def get(path: str) -> Any:
-        return reduce(getattr, path.split("."), cfg)
-
-    for path, minimum, meaning in _MINIMUMS:
-        value = get(path)
-        if ok(path) and value is not None and value < minimum:
-            what = "a positive integer" if minimum == 1 else "0 or more"
-            problems.append(f"{path}={_fmt(value)} is below {minimum}: set {path} to {what}{meaning}")
-
-    trunk, cp, par, opt, train, data = (
-        cfg.model.trunk,
-        cfg.model.cp,
-        cfg.parallel,
-        cfg.optim,
-        cfg.train,
-        cfg.data,
-    )
-
-    def positive(*paths: str) -> bool:
-        return ok(*paths) and all(get(p) is not None and get(p) >= 1 for p in paths)
-
-    # --- model -------------------------------------------------------------------------------
-    if positive("model.trunk.hidden_size", "model.trunk.num_attention_heads"):
-        if trunk.hidden_size % trunk.num_attention_heads:
-            problems.append(
-                f"model.trunk.hidden_size={trunk.hidden_size} is not divisible by model.trunk.num_attention_heads="
-                f"{trunk.num_attention_heads}: set model.trunk.hidden_size to a multiple of it (or change the heads)"
-            )
-    groups = trunk.num_query_groups if ok("model.trunk.num_query_groups") else None
-    if groups is not None and positive("model.trunk.num_attention_heads"):
-        heads = trunk.num_attention_heads
-        if groups < 1 or heads % groups:
-            problems.append(
-                f"model.trunk.num_query_groups={groups} does not divide model.trunk.num_attention_heads={heads} "
-                "(each key/value head serves an equal share of the query heads): set it to a divisor of "
-                f"{heads}, or to null for one per head"
-            )
-    if ok("model.trunk.rope_scaling_factor") and trunk.rope_scaling_factor < 0:
-        problems.append(
-            f"model.trunk.rope_scaling_factor={trunk.rope_scaling_factor} must be >= 0: 0 for plain RoPE, or "
-            "Llama 3.1's factor (e.g. 8 or 32)"
-        )
-    if ok("model.trunk.norm_epsilon") and not trunk.norm_epsilon > 0:
-        problems.append(f"model.trunk.norm_epsilon={trunk.norm_epsilon} must be > 0: e.g. 1e-5")
-    if (
-        ok("model.trunk.untie_embeddings", "model.cp.parameterisation", "finetune.freeze_trunk")
-        and trunk.untie_embeddings
-        and cp.parameterisation == "separate"
-        and not cfg.finetune.freeze_trunk
-    ):
-        problems.append(
-            "model.trunk.untie_embeddings=true with model.cp.parameterisation='separate': the output layer would "
-            "be trained but never used (the separate head has its own unembeddings), so it would receive no "
-            "gradient; set model.trunk.untie_embeddings to false, or model.cp.parameterisation to 'shared'"
-        )
-    if ok("model.trunk.dropout") and not 0 <= trunk.dropout < 1:
-        problems.append(f"model.trunk.dropout={trunk.dropout} is outside [0, 1): set it to e.g. 0.0 or 0.1")
-    if ok("model.trunk.init_method_std") and trunk.init_method_std <= 0:
-        problems.append(f"model.trunk.init_method_std={trunk.init_method_std} must be > 0: e.g. 0.02")
-    if positive("model.cp.horizon", "model.trunk.seq_length") and cp.horizon >= trunk.seq_length:
-        problems.append(
-            f"model.cp.horizon={cp.horizon} must be smaller than model.trunk.seq_length={trunk.seq_length} "
-            "(each position needs n future tokens inside the sequence): lower model.cp.horizon or raise seq_length"
-        )
-    # model.cp.phi only matters for the `shared` parameterisation; under `separate` it is ignored.
-
-    # --- optimiser ---------------------------------------------------------------------------
-    if ok("optim.lr") and opt.lr <= 0:
-        problems.append(f"optim.lr={opt.lr} must be > 0: set optim.lr to a positive learning rate, e.g. 1e-3")
-    if ok("optim.min_lr") and opt.min_lr < 0:
-        problems.append(f"optim.min_lr={opt.min_lr} must be >= 0: set it to 0 or a small positive rate")
-    elif ok("optim.min_lr", "optim.lr") and opt.lr > 0 and opt.min_lr > opt.lr:
-        problems.append(
-            f"optim.min_lr={opt.min_lr} is larger than optim.lr={opt.lr}: the cosine decay must end at or "
-            "below the peak, so lower optim.min_lr (or raise optim.lr)"
-        )
-    for name in ("beta1", "beta2"):
-        beta = getattr(opt, name)
-        if ok(f"optim.{name}") and not 0 <= beta < 1:
-            problems.append(
-                f"optim.{name}={beta} is outside [0, 1): set it to e.g. 0.9 (beta1) or 0.95 (beta2)"
-            )
-    if ok("optim.eps") and opt.eps <= 0:
-        problems.append(f"optim.eps={opt.eps} must be > 0: e.g. 1e-8")
-
-    # --- training and data -------------------------------------------------------------------
-    if positive("train.global_batch_size", "train.micro_batch_size"):
-        if train.global_batch_size % train.micro_batch_size:
-            problems.append(
-                f"train.global_batch_size={train.global_batch_size} is not divisible by train.micro_batch_size="
-                f"{train.micro_batch_size}: set train.global_batch_size to a multiple of train.micro_batch_size"
-            )
-    if ok("data.heldout_fraction") and not 0 < data.heldout_fraction <= 0.5:
-        problems.append(
-            f"data.heldout_fraction={data.heldout_fraction} is outside (0, 0.5]: set it to a small fraction such as 0.02"
-        )
-    if ok("data.path") and data.path is not None:
-        if not data.path.strip():
-            problems.append(
-                "data.path='' is empty: set it to a folder of prepared shards, or null for data.corpus"
-            )
-        else:
-            # Imported here: the shard reader pulls in torch and webdataset, which loading a config does not need.
-            from cpmtp_dist.data.shards import parse_data_path
-
-            try:
-                parse_data_path(data.path)
-            except ValueError as err:
-                problems.append(str(err))
-    if (
-        positive("data.tokenizer_vocab_size", "model.trunk.vocab_size")
-        and ok("data.path")
-        and data.path is None
-        and data.tokenizer_vocab_size > trunk.vocab_size
-    ):
-        problems.append(
-            f"data.tokenizer_vocab_size={data.tokenizer_vocab_size} exceeds model.trunk.vocab_size={trunk.vocab_size}: "
-            "token ids would fall outside the embedding, so raise model.trunk.vocab_size or lower the tokenizer's"
-        )
-
-    # --- parallel layout ---------------------------------------------------------------------
-    if ok("parallel.sequence_parallel", "parallel.tp") and par.sequence_parallel and par.tp <= 1:
-        problems.append(
-            f"parallel.sequence_parallel=true needs parallel.tp > 1 (got parallel.tp={par.tp}): "
-            "set parallel.sequence_parallel to false or raise parallel.tp"
-        )
-    if positive("model.cp.rank", "parallel.ep") and cp.rank % par.ep:
-        problems.append(
-            f"model.cp.rank={cp.rank} is not divisible by parallel.ep={par.ep}: set model.cp.rank to a multiple "
-            "of parallel.ep (or change parallel.ep)"
-        )
-    for path, what in (
-        ("model.trunk.num_attention_heads", "the heads are split over tensor-parallel ranks"),
-        ("model.trunk.num_query_groups", "the key/value heads are split over tensor-parallel ranks"),
-        ("model.trunk.vocab_size", "the unembedding is split by vocabulary over tensor-parallel ranks"),
-    ):
-        if positive(path, "parallel.tp") and get(path) % par.tp:
-            problems.append(
-                f"{path}={get(path)} is not divisible by parallel.tp={par.tp} ({what}): set {path} to a "
-                "multiple of parallel.tp (or change parallel.tp)"
-            )
-    if positive("model.trunk.hidden_size", "parallel.tp") and ok("model.trunk.ffn_hidden_size"):
-        ffn = trunk.ffn_hidden_size if trunk.ffn_hidden_size is not None else 4 * trunk.hidden_size
-        if ffn >= 1 and ffn % par.tp:
-            problems.append(
-                f"the MLP width {ffn} (model.trunk.ffn_hidden_size={_fmt(trunk.ffn_hidden_size)}) is not divisible "
-                f"by parallel.tp={par.tp} (the MLP is split over tensor-parallel ranks): set "
-                "model.trunk.ffn_hidden_size to a multiple of parallel.tp (or change parallel.tp)"
-            )
-    if positive("model.trunk.num_layers", "parallel.pp") and trunk.num_layers % par.pp:
-        problems.append(
-            f"model.trunk.num_layers={trunk.num_layers} is not divisible by parallel.pp={par.pp} (each pipeline "
-            "stage holds the same number of layers): set model.trunk.num_layers to a multiple of parallel.pp "
-            "(or change parallel.pp)"
-        )
-    if (
-        ok("parallel.sequence_parallel")
-        and par.sequence_parallel
-        and positive("model.trunk.seq_length", "parallel.tp")
-        and trunk.seq_length % par.tp
-    ):
-        problems.append(
-            f"model.trunk.seq_length={trunk.seq_length} is not divisible by parallel.tp={par.tp}, which "
-            "parallel.sequence_parallel=true needs: set seq_length to a multiple of parallel.tp"
-        )
-
-    # --- what the parallel implementation requires ------------------------------------------------
-    if ok("parallel.tp", "parallel.ep", "model.cp.loss_impl") and (par.tp > 1 or par.ep > 1):
-        if cp.loss_impl == "naive":
-            problems.append(
-                "model.cp.loss_impl='naive' is a single-device reference: set it to 'chunked' when "
-                "parallel.tp or parallel.ep > 1"
-            )
-    if ok("parallel.ep", "optim.zero_stage") and par.ep > 1 and cfg.optim.zero_stage == 0:
-        problems.append(
-            f"parallel.ep={par.ep} needs optim.zero_stage >= 1 (DeepSpeed's ZeRO-0 gradient clipping mis-counts "
-            "components sharded over ranks): set optim.zero_stage to 1 or 2"
-        )
-    if ok("optim.zero_stage") and cfg.optim.zero_stage == 3:
-        problems.append(
-            "optim.zero_stage=3 is not supported: the chunked CP loss recomputes the head's factors during "
-            "the backward pass, after ZeRO-3 has released the head's parameters; set optim.zero_stage to 1 "
-            "(optimizer states sharded over dp) or 2 (optimizer states and gradients)"
-        )
-    elif ok("parallel.pp", "optim.zero_stage") and par.pp > 1 and cfg.optim.zero_stage not in (1, 2):
-        problems.append(
-            f"parallel.pp={par.pp} needs optim.zero_stage 1 or 2 (got {cfg.optim.zero_stage}): DeepSpeed's "
-            "ZeRO-0 gradient clipping leaves out the parameters of the last pipeline stage; set "
-            "optim.zero_stage to 1 or 2"
-        )
-
-    # --- head-only fine-tuning -------------------------------------------------------------------
-    ft = cfg.finetune
-    beta_ok = ok("finetune.distill_weight")
-    if beta_ok and not 0 <= ft.distill_weight <= 1:
-        problems.append(
-            f"finetune.distill_weight={ft.distill_weight} is outside [0, 1]: set it to e.g. 0.5 (0 turns "
-            "distillation off)"
-        )
-    distil = beta_ok and ft.distill_weight > 0
-    if ok("finetune.init_from") and ft.init_from is not None:
-        if not ft.init_from.strip():
-            problems.append(
-                "finetune.init_from='' is empty: set it to a checkpoint folder (or a run's checkpoints/ "
-                "folder), or null to start from train.seed"
-            )
-        else:
-            # Imported here: reading a checkpoint's folder pulls in torch, which loading a config does not need.
-            from cpmtp_dist.training.finetune import FinetuneError, resolve_init_checkpoint
-
-            try:
-                resolve_init_checkpoint(ft.init_from)
-            except FinetuneError as err:
-                problems.append(str(err))
-    if ok("finetune.init_from", "finetune.freeze_trunk") and ft.freeze_trunk and ft.init_from is None:
-        problems.append(
-            "finetune.freeze_trunk=true without finetune.init_from would freeze a randomly initialised trunk: "
-            "set finetune.init_from to a trained checkpoint (or finetune.freeze_trunk to false)"
-        )
-    if ok("finetune.freeze_trunk", "parallel.pp") and ft.freeze_trunk and par.pp > 1:
-        problems.append(
-            f"finetune.freeze_trunk=true is not supported with parallel.pp={par.pp} yet: the pipeline stages "
-            "before the last hold only trunk layers, so they would have nothing to train; set parallel.pp to 1 "
-            "(tp, ep and data parallelism work)"
-        )
-    if distil and ok("finetune.init_from") and ft.init_from is None:
-        problems.append(
-            f"finetune.distill_weight={ft.distill_weight} needs finetune.init_from (the teacher is the source "
-            "checkpoint's next-token model): set finetune.init_from, or finetune.distill_weight to 0"
-        )
-    if distil and ok("finetune.freeze_trunk") and not ft.freeze_trunk:
-        problems.append(
-            f"finetune.distill_weight={ft.distill_weight} needs finetune.freeze_trunk=true (the teacher shares "
-            "the trunk, which must stay the source's): set finetune.freeze_trunk to true, or "
-            "finetune.distill_weight to 0"
-        )
-    if distil and ok("parallel.tp", "parallel.pp", "parallel.ep", "parallel.sequence_parallel"):
-        layout = {"parallel.tp": par.tp, "parallel.pp": par.pp, "parallel.ep": par.ep}
-        other = [f"{k}={v}" for k, v in layout.items() if v != 1]
-        other += ["parallel.sequence_parallel=true"] if par.sequence_parallel else []
-        if other:
-            problems.append(
-                f"finetune.distill_weight={ft.distill_weight} is not supported with {', '.join(other)} yet: "
-                "distillation runs at parallel.tp = pp = ep = 1 without sequence parallelism (scale out with "
-                "data parallelism), or set finetune.distill_weight to 0"
-            )
-
-    problems += _deepspeed_problems(cfg, ok, cuda_available)
-
-    # --- tracking ------------------------------------------------------------------------------
-    for name in ("system_metrics_interval_s", "retry_every_s"):
-        if ok(f"tracking.{name}") and not get(f"tracking.{name}") > 0:
-            problems.append(f"tracking.{name}={get(f'tracking.{name}')} must be > 0: e.g. 10")
-    if ok("tracking.flush_timeout_s") and not cfg.tracking.flush_timeout_s >= 0:
-        problems.append(
-            f"tracking.flush_timeout_s={cfg.tracking.flush_timeout_s} must be >= 0 (0: do not wait at the end)"
-        )
-    if ok("tracking.uri") and cfg.tracking.uri is not None and not cfg.tracking.uri.strip():
-        problems.append(
-            "tracking.uri='' is empty: set it to a tracking URI such as http://127.0.0.1:5000, or null for "
-            "the run directory's sqlite file (tracking.enabled=false turns tracking off)"
-        )
-
+    c = _Checker(cfg)
+    _collect_type_problems(cfg, Config, "", c.problems, c.bad)
+    _check_minimums(c)
+    _check_model(c)
+    _check_optim(c)
+    _check_train_and_data(c)
+    _check_parallel_shapes(c)
+    _check_parallel_support(c)
+    _check_finetune(c)
+    _check_distill(c)
+    _check_deepspeed(c, cuda_available)
+    _check_tracking(c)
     if world_size is not None:
-        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-            problems.append(f"world_size={world_size!r} must be a positive integer (the number of processes)")
-        elif positive("parallel.tp", "parallel.pp"):
-            model_parallel = par.tp * par.pp
-            if world_size % model_parallel:
-                problems.append(
-                    f"world_size={world_size} is not divisible by parallel.tp * parallel.pp = {par.tp} * {par.pp} = "
-                    f"{model_parallel}: launch a multiple of {model_parallel} processes or change parallel.tp / parallel.pp"
-                )
-            else:
-                dp = world_size // model_parallel
-                if positive("parallel.ep") and dp % par.ep:
-                    problems.append(
-                        f"parallel.ep={par.ep} does not divide the data-parallel size dp = {dp} (world_size "
-                        f"{world_size} / (tp {par.tp} * pp {par.pp})): the components are shared out among "
-                        "data-parallel ranks, so set parallel.ep to a divisor of dp"
-                    )
-            if world_size % model_parallel == 0 and positive(
-                "train.global_batch_size", "train.micro_batch_size"
-            ):
-                dp = world_size // model_parallel
-                per_step = train.micro_batch_size * dp
-                if train.global_batch_size % per_step:
-                    problems.append(
-                        f"train.global_batch_size={train.global_batch_size} is not divisible by "
-                        f"train.micro_batch_size * dp = {train.micro_batch_size} * {dp} = {per_step} "
-                        f"(dp = world_size {world_size} / (tp {par.tp} * pp {par.pp})): set "
-                        f"train.global_batch_size to a multiple of {per_step} or lower train.micro_batch_size"
-                    )
-
-    if problems:
-        raise ConfigError(problems)
+        _check_world(c, world_size)
+    if c.problems:
+        raise ConfigError(c.problems)

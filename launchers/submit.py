@@ -65,7 +65,7 @@ class TrainJob(submitit.helpers.Checkpointable):
     def checkpoint(self, *args: object, **kwargs: object) -> submitit.helpers.DelayedSubmission:
         """The requeued job: the same training, continued from the newest complete checkpoint of the run
         directory (or as first asked, e.g. from another run's checkpoint, while it holds none yet)."""
-        from cpmtp_dist.training.checkpoint import latest_checkpoint
+        from cpmtp_dist.checkpoint_paths import latest_checkpoint
 
         ckpts = Path(self.run_dir) / "checkpoints"
         saved = ckpts.is_dir() and latest_checkpoint(ckpts) is not None

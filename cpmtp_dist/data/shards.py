@@ -39,16 +39,16 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+# Torch-free, for config validation; `parse_data_path` is imported from here too.
+from cpmtp_dist.data.data_path import ShardError
+from cpmtp_dist.data.data_path import parse_data_path as parse_data_path
+
 FORMAT = "cpmtp_dist.shards/v1"
 MANIFEST = "manifest.json"
 _BLEND_CHUNK = 4096
 """Blend choices are drawn in chunks from generators seeded with (seed, g, chunk index): O(1) to resume."""
 
 log = logging.getLogger(__name__)
-
-
-class ShardError(ValueError):
-    """A prepared dataset that cannot be read as it is: the message names the file and what to do."""
 
 
 @dataclass(frozen=True)
@@ -137,31 +137,6 @@ class ShardSet:
                 f"{self.tokenizer_sha256[:12]}…, but the tokenizer in use has {sha256[:12]}…: use the "
                 f"tokenizer in {self.tokenizer_dir} or rebuild the shards with this tokenizer"
             )
-
-
-def parse_data_path(spec: str) -> list[tuple[float, str]]:
-    """`data.path`: one folder, or a blend as Megatron writes it: "W1 DIR1 W2 DIR2 ..." (weights > 0,
-    normalised to sum 1)."""
-    parts = spec.split()
-    if len(parts) == 1:
-        return [(1.0, parts[0])]
-    if not parts or len(parts) % 2:
-        raise ShardError(
-            f"data.path={spec!r}: give one folder, or weight/folder pairs such as '0.7 /data/code 0.3 /data/prose'"
-        )
-    pairs = []
-    for w, p in zip(parts[::2], parts[1::2], strict=True):
-        try:
-            weight = float(w)
-        except ValueError:
-            raise ShardError(
-                f"data.path={spec!r}: {w!r} is not a weight; write weight/folder pairs"
-            ) from None
-        if not weight > 0:
-            raise ShardError(f"data.path={spec!r}: weight {w} of {p} must be > 0")
-        pairs.append((weight, p))
-    total = sum(w for w, _ in pairs)
-    return [(w / total, p) for w, p in pairs]
 
 
 # --------------------------------------------------------------------------------------------------

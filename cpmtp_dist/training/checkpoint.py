@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from cpmtp_dist.checkpoint_paths import latest_checkpoint as latest_checkpoint  # its home: torch-free
+
 
 class ResumeError(ValueError):
     """A checkpoint that cannot continue this run as configured: the message says what to change."""
@@ -221,23 +223,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
-
-
-def latest_checkpoint(root: Path) -> Path | None:
-    """The newest complete checkpoint under `root` (or `root` itself if it is one), else None."""
-    if (root / "meta.json").exists():
-        return root
-    pointer = root / "latest"
-    if pointer.exists():
-        cand = root / pointer.read_text().strip()
-        if (cand / "meta.json").exists():
-            return cand
-    done = sorted(
-        p
-        for p in root.glob("step_*")
-        if p.is_dir() and not p.name.endswith(".tmp") and (p / "meta.json").exists()
-    )
-    return done[-1] if done else None
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -27,40 +27,17 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from cpmtp_dist.checkpoint_paths import FinetuneError
 from cpmtp_dist.model.cp_head import CPHead, upcast
 from cpmtp_dist.model.drafting import next_token_log_probs
-from cpmtp_dist.training.checkpoint import latest_checkpoint, load_sharded_state, read_model_state
+from cpmtp_dist.training.checkpoint import load_sharded_state, read_model_state
 
-if TYPE_CHECKING:  # Megatron is imported by whoever builds a model; checking a config needs only torch
+if TYPE_CHECKING:  # Megatron is imported by whoever builds a model
     from cpmtp_dist.model.cp_model import CPModel
     from cpmtp_dist.parallel.state import ParallelGroups
 
 NOISY = ("phi_w1", "phi_weight", "unembed")
 """The component tensors whose duplicated copies get symmetry-breaking noise, per parameterisation."""
-
-
-class FinetuneError(ValueError):
-    """A source checkpoint that cannot start this run as configured: the message says what to change."""
-
-
-def resolve_init_checkpoint(init_from: str | Path) -> Path:
-    """`finetune.init_from` -> the checkpoint folder it names: itself, or the newest complete checkpoint of
-    a run's `checkpoints/` folder (or of a run directory holding one)."""
-    path = Path(init_from)
-    if not path.is_dir():
-        raise FinetuneError(
-            f"finetune.init_from={str(init_from)!r} does not exist (or is not a folder): set it to a checkpoint "
-            "folder (runs/NAME/checkpoints/step_N) or a run's checkpoints/ folder"
-        )
-    found = latest_checkpoint(path)
-    if found is None and (path / "checkpoints").is_dir():
-        found = latest_checkpoint(path / "checkpoints")
-    if found is None:
-        raise FinetuneError(
-            f"finetune.init_from={str(init_from)!r} holds no complete checkpoint (a step_N folder with "
-            "meta.json and state/): set it to a checkpoint folder or a run's checkpoints/ folder"
-        )
-    return found
 
 
 def checkpoint_shapes(folder: Path) -> dict[str, tuple[int, ...]]:

@@ -23,10 +23,12 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from cpmtp_dist.checkpoint_paths import resolve_init_checkpoint
 from cpmtp_dist.config import Config
 from cpmtp_dist.config_io import config_to_dict
 from cpmtp_dist.data.loader import make_targets
 from cpmtp_dist.data.source import build_training_data
+from cpmtp_dist.layout import Layout
 from cpmtp_dist.model.cp_head import IGNORE_INDEX
 from cpmtp_dist.model.cp_loss import CPLossOutput
 from cpmtp_dist.model.cp_model import CPModel
@@ -59,7 +61,6 @@ from cpmtp_dist.training.finetune import (
     build_teacher,
     freeze_trunk,
     load_initial_weights,
-    resolve_init_checkpoint,
 )
 from cpmtp_dist.training.metrics import MetricsLogger, entropy, flops_per_token, peak_flops
 from cpmtp_dist.training.optim import build_engine
@@ -433,7 +434,7 @@ def train(
     if tracker is not None:
         tracker.add_files(run_files(run_dir, data.tokenizer_dir, cfg.data.path))
     t = cfg.train
-    grad_accum = t.global_batch_size // (t.micro_batch_size * groups.dp_size)
+    grad_accum = Layout.of(cfg, groups.world_size).grad_accum
     model = build_model(cfg, groups, dtype, device)
     finetune_note = apply_finetune(model, cfg, groups, init=init, resuming=resume is not None)
     # Under pp, Megatron's schedule runs the micro-batches: DeepSpeed sees one batch per step.
