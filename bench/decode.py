@@ -35,8 +35,8 @@ def cpmtp(*args: str) -> None:
 def describe(ckpt: Path) -> str:
     """The model and data of a checkpoint, from its config.yaml."""
     sys.path.insert(0, str(REPO))
+    from cpmtp_dist.checkpoint_paths import latest_checkpoint
     from cpmtp_dist.config_io import load_config
-    from cpmtp_dist.training.checkpoint import latest_checkpoint
 
     cfg = load_config(latest_checkpoint(REPO / ckpt) / "config.yaml")
     t, cp = cfg.model.trunk, cfg.model.cp

@@ -173,7 +173,8 @@ def resume(first: Path, resumed: Path) -> dict | None:
     if ea and eb:
         out["eval_joint_loss"] = [ea[-1]["eval_joint_loss"], eb[-1]["eval_joint_loss"]]
     try:
-        from cpmtp_dist.training.checkpoint import latest_checkpoint, read_model_state
+        from cpmtp_dist.checkpoint_paths import latest_checkpoint
+        from cpmtp_dist.training.checkpoint import read_model_state
 
         wa = read_model_state(latest_checkpoint(first / "checkpoints"))
         wb = read_model_state(latest_checkpoint(resumed / "checkpoints"))

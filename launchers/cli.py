@@ -49,7 +49,7 @@ def _train(args: argparse.Namespace) -> int:
         from launchers.local import child_argv, run_local
 
         return run_local(args.nproc_per_node, child_argv(args.argv, str(run_dir)))
-    from cpmtp_dist.training.checkpoint import latest_checkpoint
+    from cpmtp_dist.checkpoint_paths import latest_checkpoint
 
     is_rank0 = int(os.environ.get("RANK", "0")) == 0
     resume = None
@@ -76,9 +76,9 @@ def _train(args: argparse.Namespace) -> int:
     # Started before the trainer's imports (torch, Megatron, DeepSpeed): MLflow's own imports run beside them.
     tracker = maybe_build_tracker(cfg.tracking, run_dir, enabled=is_rank0, params=config_to_dict(cfg))
 
-    from cpmtp_dist.data.shards import ShardError
+    from cpmtp_dist.checkpoint_paths import FinetuneError
+    from cpmtp_dist.data.data_path import ShardError
     from cpmtp_dist.training.checkpoint import ResumeError
-    from cpmtp_dist.training.finetune import FinetuneError
     from cpmtp_dist.training.trainer import train
 
     try:
@@ -174,7 +174,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _heldout(args: argparse.Namespace, loaded, num_batches: int):
-    from cpmtp_dist.data.shards import ShardError
+    from cpmtp_dist.data.data_path import ShardError
     from cpmtp_dist.inference.evaluation import heldout_batches
 
     try:

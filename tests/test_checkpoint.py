@@ -9,9 +9,9 @@ import torch
 import torch.distributed as dist
 from megatron.core.dist_checkpointing import ShardedTensor
 
+from cpmtp_dist.checkpoint_paths import latest_checkpoint
 from cpmtp_dist.training.checkpoint import (
     checkpoint_name,
-    latest_checkpoint,
     prune_checkpoints,
     read_model_state,
     save_checkpoint,

@@ -17,15 +17,14 @@ import pytest
 import torch
 import webdataset as wds
 
+from cpmtp_dist.data.data_path import ShardError, parse_data_path
 from cpmtp_dist.data.shards import (
     FORMAT,
-    ShardError,
     ShardLoader,
     ShardSet,
     _SourceState,
     _SourceStream,
     epoch_pieces,
-    parse_data_path,
     valid_batches,
 )
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from cpmtp_dist.config_io import load_config
-from cpmtp_dist.data.shards import ShardError
+from cpmtp_dist.data.data_path import ShardError
 from cpmtp_dist.data.source import build_training_data
 from cpmtp_dist.inference.evaluation import heldout_batches
 from cpmtp_dist.training.trainer import train

@@ -39,9 +39,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-# Torch-free, for config validation; `parse_data_path` is imported from here too.
 from cpmtp_dist.data.data_path import ShardError
-from cpmtp_dist.data.data_path import parse_data_path as parse_data_path
 
 FORMAT = "cpmtp_dist.shards/v1"
 MANIFEST = "manifest.json"

@@ -20,15 +20,9 @@ import torch
 
 from cpmtp_dist.config import Config
 from cpmtp_dist.data.builtin import build_builtin_data
+from cpmtp_dist.data.data_path import ShardError, parse_data_path
 from cpmtp_dist.data.loader import PackedSequenceLoader, eval_batches
-from cpmtp_dist.data.shards import (
-    ShardError,
-    ShardLoader,
-    ShardSet,
-    parse_data_path,
-    valid_batches,
-    valid_shortfall,
-)
+from cpmtp_dist.data.shards import ShardLoader, ShardSet, valid_batches, valid_shortfall
 from cpmtp_dist.data.tokenizer import Tokenizer, load_tokenizer
 
 

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import torch
 
+from cpmtp_dist.checkpoint_paths import latest_checkpoint
 from cpmtp_dist.config import Config
 from cpmtp_dist.config_io import load_config
 from cpmtp_dist.data.tokenizer import Tokenizer, load_tokenizer
 from cpmtp_dist.model.attention import decoding_attention
 from cpmtp_dist.model.cp_model import CPModel
 from cpmtp_dist.parallel.state import initialize_parallel
-from cpmtp_dist.training.checkpoint import latest_checkpoint, read_model_state
+from cpmtp_dist.training.checkpoint import read_model_state
 from cpmtp_dist.training.trainer import training_dtype
 
 
@@ -65,7 +66,7 @@ def load_for_inference(
     state = read_model_state(ckpt)
     for name, p in model.named_parameters():
         if getattr(p, "glu_halves", False) and name in state:
-            state[name] = state[name].reshape(p.shape)  # stored as (2, f, d): parallel/sharded_state.glu_view
+            state[name] = state[name].reshape(p.shape)  # stored as (2, f, d): parallel/sharded_state.tp_view
     result = model.load_state_dict(state, strict=False)
     params = {name for name, _ in model.named_parameters()}
     wrong = [k for k in result.missing_keys if k in params] + list(result.unexpected_keys)

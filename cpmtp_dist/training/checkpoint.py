@@ -27,8 +27,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from cpmtp_dist.checkpoint_paths import latest_checkpoint as latest_checkpoint  # its home: torch-free
-
 
 class ResumeError(ValueError):
     """A checkpoint that cannot continue this run as configured: the message says what to change."""

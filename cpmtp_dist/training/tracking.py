@@ -78,7 +78,8 @@ def numeric_metrics(row: dict[str, Any]) -> dict[str, float]:
 def run_files(run_dir: Path, tokenizer_dir: Path | None, data_path: str | None) -> list[tuple[Path, str]]:
     """(local file, artifact folder) of the files a run's MLflow artifacts hold besides the plots: the
     resolved config, the tokenizer card and the manifest of each dataset folder of `data.path`."""
-    from cpmtp_dist.data.shards import MANIFEST, parse_data_path
+    from cpmtp_dist.data.data_path import parse_data_path
+    from cpmtp_dist.data.shards import MANIFEST
     from cpmtp_dist.data.tokenizer import CARD_FILE
 
     files = [(run_dir / "config.yaml", "")]
