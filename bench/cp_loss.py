@@ -355,7 +355,7 @@ def scaling_markdown(rows: list[dict], args: argparse.Namespace, command: str) -
     targets = []
     for kind in kinds:
         base = by.get((kind, 1))
-        base_pf = base["cpu_s_median"] / 1 if ok(base) else None
+        base_pf = base["cpu_s_median"] if ok(base) else None  # n·r = 1: one factor
         for nr in nrs:
             row = by.get((kind, nr))
             if not ok(row):

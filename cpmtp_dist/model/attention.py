@@ -22,6 +22,7 @@ results (`tests/test_trunk.py`: ≤ 1e-5 in fp32, forward and gradients).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -33,8 +34,10 @@ from megatron.core.transformer.module import MegatronModule
 from torch import Tensor
 
 
+@functools.cache
 def te_unavailable() -> str | None:
-    """Why Transformer Engine's attention cannot run in this process, or None when it can."""
+    """Why Transformer Engine's attention cannot run in this process, or None when it can (probed once: every
+    trunk built with `auto` asks)."""
     if not torch.cuda.is_available():
         return "no CUDA GPU is visible to torch"
     try:

@@ -171,9 +171,9 @@ class _ChunkedCPLoss(torch.autograd.Function):
             for s in range(n):
                 mix = None  # (rows, V_local): the s-th marginal, only for accuracy
                 for comps in groups:
-                    z = _group_features(head, hc, weights, comps, s)  # (rows, k, d)
+                    z = _group_features(head, hc, _phi_weights(weights, comps, s))  # (rows, k, d)
                     for j, a in enumerate(range(comps.start, comps.stop)):
-                        u = _factor_unembedding(head, weights, unembed, a, s)  # (V_local, d)
+                        u = weights["unembed"][a, s] if head.parameterisation == "separate" else unembed
                         logits = upcast(z[:, j] @ u.t())  # (rows, V_local)
                         lse[rows, a, s] = lz = vocab.logsumexp(logits)
                         target_logp[rows, a, s] = vocab.target_logit(logits, tgt[rows, s]) - lz
@@ -267,19 +267,17 @@ def _component_groups(head: CPHead, h: Tensor, unembed: Tensor | None, group: in
     return [slice(a, min(a + group, r_loc)) for a in range(0, r_loc, group)]
 
 
-def _group_features(head: CPHead, hc: Tensor, weights: dict[str, Tensor], comps: slice, s: int) -> Tensor:
-    """phi_{a,s}(hc) for the local components a in `comps`: (rows, d) -> (rows, k, d); h itself under
-    `separate` (one component per group)."""
+def _phi_weights(weights: dict[str, Tensor], comps: slice, s: int) -> dict[str, Tensor]:
+    """The φ tensors of the local components `comps` at head position s (empty under `separate`)."""
+    return {k: w[comps, s] for k, w in weights.items() if k.startswith("phi_")}
+
+
+def _group_features(head: CPHead, hc: Tensor, phi_weights: dict[str, Tensor]) -> Tensor:
+    """phi_{a,s}(hc) for a group of components: (rows, d) -> (rows, k, d); h itself under `separate` (one
+    component per group)."""
     if head.parameterisation == "separate":
         return hc.unsqueeze(1)
-    return head.phi(hc, {k: w[comps, s] for k, w in weights.items() if not k.startswith("gate.")})
-
-
-def _factor_unembedding(
-    head: CPHead, weights: dict[str, Tensor], unembed: Tensor | None, a: int, s: int
-) -> Tensor:
-    """The (V_local, d) unembedding of factor (a, s): U_a^(s) under `separate`, else the shared U."""
-    return weights["unembed"][a, s] if head.parameterisation == "separate" else unembed
+    return head.phi(hc, phi_weights)
 
 
 def _addmm_(acc: Tensor, x: Tensor, y: Tensor) -> None:
@@ -315,26 +313,27 @@ class _FactorBackward:
 
     def chunk(self, rows: slice, hc: Tensor, grad_h: Tensor | None, groups: list[slice]) -> None:
         """Add the chunk's gradients into the accumulators and into grad_h (the chunk's rows, fp32)."""
-        separate = self.head.parameterisation == "separate"
+        separate, acc_u = self.head.parameterisation == "separate", self.acc.get("<shared unembedding>")
         for s in range(self.head.horizon):
             for comps in groups:
                 if separate:  # features = h: its gradient is g U, added straight into grad_h
+                    acc = self.acc.get("unembed")
                     for a in range(comps.start, comps.stop):
-                        self.factor(rows, a, s, hc, self.weights["unembed"][a, s], "unembed", grad_h)
+                        u_acc = None if acc is None else acc[a, s]
+                        self.factor(rows, a, s, hc, self.weights["unembed"][a, s], u_acc, grad_h)
                     continue
                 leaves = {
-                    k: w[comps, s].detach().requires_grad_(k in self.acc)
-                    for k, w in self.weights.items()
-                    if k.startswith("phi_")
+                    k: w.detach().requires_grad_(k in self.acc)
+                    for k, w in _phi_weights(self.weights, comps, s).items()
                 }
                 hl = hc.detach().requires_grad_(grad_h is not None)
                 inputs = [x for x in (hl, *leaves.values()) if x.requires_grad]
                 with torch.enable_grad():
-                    z = self.head.phi(hl, leaves)  # (rows, k, d)
+                    z = _group_features(self.head, hl, leaves)  # (rows, k, d)
                 grad_z = torch.zeros_like(z) if inputs else None
                 for j, a in enumerate(range(comps.start, comps.stop)):
                     out = None if grad_z is None else grad_z[:, j]
-                    self.factor(rows, a, s, z[:, j].detach(), self.unembed, "<shared unembedding>", out)
+                    self.factor(rows, a, s, z[:, j].detach(), self.unembed, acc_u, out)
                 if not inputs:
                     continue
                 grads = list(torch.autograd.grad(z, inputs, grad_z))
@@ -344,12 +343,14 @@ class _FactorBackward:
                     self.acc[k][comps, s] += upcast(g)
 
     @torch.no_grad()
-    def factor(self, rows: slice, a: int, s: int, z: Tensor, u: Tensor, u_key: str, grad_z: Tensor | None):
-        """One factor: dU += g^T z into U's accumulator (its (a, s) slice under `separate`) and
-        grad_z += g U, where g is the gradient of logits = z U^T (computed in U's dtype, as the forward)."""
+    def factor(
+        self, rows: slice, a: int, s: int, z: Tensor, u: Tensor, u_acc: Tensor | None, grad_z: Tensor | None
+    ) -> None:
+        """One factor: u_acc += g^T z (U's accumulator, U_a^(s)'s own slice under `separate`; None when U is
+        frozen) and grad_z += g U, where g is the gradient of logits = z U^T (in U's dtype, as the forward)."""
         g = self.logit_grad(z @ u.t(), rows, a, s).to(u.dtype)  # (rows, V_local)
-        if u_key in self.acc:
-            _addmm_(self.acc[u_key][a, s] if u_key == "unembed" else self.acc[u_key], g.t(), z)
+        if u_acc is not None:
+            _addmm_(u_acc, g.t(), z)
         if grad_z is not None:
             _addmm_(grad_z, g, u)
 

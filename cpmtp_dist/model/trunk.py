@@ -25,7 +25,7 @@ from cpmtp_dist.config import TrunkConfig
 from cpmtp_dist.model.attention import core_attention_module, resolve_attention
 from cpmtp_dist.parallel.pipeline import PipelineStage
 from cpmtp_dist.parallel.sequence import SequenceParallelNorm
-from cpmtp_dist.parallel.sharded_state import glu_view
+from cpmtp_dist.parallel.sharded_state import tp_view
 from cpmtp_dist.parallel.state import get_parallel_groups
 
 
@@ -130,7 +130,7 @@ def build_trunk(
         model.to(dtype=params_dtype)
     if cfg.mlp == "swiglu":
         for layer in model.decoder.layers:
-            layer.mlp.linear_fc1.weight.glu_halves = True  # see `glu_view`
+            layer.mlp.linear_fc1.weight.glu_halves = True  # see `sharded_state.tp_view`
     return model
 
 
@@ -216,10 +216,9 @@ def init_trunk_weights(model: GPTModel, cfg: TrunkConfig, seed: int, stage: Pipe
         if param.dim() < 2:
             continue
         full_name = global_param_name(name, stage, cfg.num_layers, tied=not cfg.untie_embeddings)
-        local = glu_view(param, param)
-        dim = param.partition_dim + local.dim() - param.dim() if hasattr(param, "partition_dim") else 0
+        local, dim = tp_view(param, param)
         shape = list(local.shape)
-        split = groups.tp_size > 1 and getattr(param, "tensor_model_parallel", False)
+        split = groups.tp_size > 1 and dim is not None
         if split:
             shape[dim] *= groups.tp_size
         gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{full_name}".encode()))

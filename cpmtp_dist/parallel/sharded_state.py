@@ -29,25 +29,28 @@ MOMENTS = ("exp_avg", "exp_avg_sq")
 """The state AdamW keeps per parameter (besides its step count)."""
 
 
-def glu_view(tensor: Tensor, param: nn.Parameter) -> Tensor:
-    """A gated MLP's first projection as (2, f_local, d): its rows are [gate; up], and under tensor
-    parallelism each rank holds its slice of *both* halves (Megatron splits the local output in two). Seen
-    this way the rank's slice is contiguous along dimension 1, which is how initialisation (`model/trunk.py`) and
-    checkpoints treat it (the checkpoint stores the whole (2, f, d)). Other parameters are returned as they are."""
+def tp_view(tensor: Tensor, param: nn.Parameter) -> tuple[Tensor, int | None]:
+    """`tensor` (shaped like `param` on this rank) as a contiguous slice of its global tensor, and the
+    dimension along which tensor parallelism splits it (None: not split).
+
+    A gated MLP's first projection is seen as (2, f_local, d): its rows are [gate; up], and under tensor
+    parallelism each rank holds its slice of *both* halves (Megatron splits the local output in two), which
+    is contiguous along dimension 1. Initialisation (`model/trunk.py`) and checkpoints (the whole (2, f, d))
+    treat it so. Other parameters are returned as they are."""
+    dim = param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
     if getattr(param, "glu_halves", False):
-        return tensor.view(2, tensor.shape[0] // 2, *tensor.shape[1:])
-    return tensor
+        return tensor.view(2, tensor.shape[0] // 2, *tensor.shape[1:]), None if dim is None else dim + 1
+    return tensor, dim
 
 
 def _shard(key: str, local: Tensor, p: nn.Parameter, groups: ParallelGroups) -> ShardedTensor:
     """`local` (shaped like parameter `p` on this rank) as a slice of the global tensor `key`."""
     offsets = []
-    tp_split = groups.tp_size > 1 and getattr(p, "tensor_model_parallel", False)
+    local, tp_dim = tp_view(local, p)
+    tp_split = groups.tp_size > 1 and tp_dim is not None
     ep_split = groups.ep_size > 1 and getattr(p, "expert_parallel", False)
-    view = glu_view(local, p)
     if tp_split:
-        offsets.append((p.partition_dim + view.dim() - local.dim(), groups.tp_rank, groups.tp_size))
-    local = view
+        offsets.append((tp_dim, groups.tp_rank, groups.tp_size))
     if ep_split:
         if tp_split and p.partition_dim == 0:
             raise NotImplementedError(f"{key}: split over tp and ep along the same dimension")

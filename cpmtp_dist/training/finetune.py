@@ -144,10 +144,8 @@ def load_initial_weights(model: CPModel, folder: Path, groups: ParallelGroups, s
     params = dict(model.named_parameters())
     for name, p in params.items():
         key = f"model.{names[name]}"
-        if key in loaded:
-            p.copy_(
-                loaded[key].reshape(p.shape)
-            )  # stored views (sharded_state.glu_view) back to the parameter
+        if key in loaded:  # stored views (sharded_state.tp_view) back to the parameter's shape
+            p.copy_(loaded[key].reshape(p.shape))
     rebuild = sorted(key for key in mine if key not in same)  # head tensors only: the trunk matched
     n_trunk = sum(k.startswith("model.trunk.") for k in same)
     parts = [f"{n_trunk} trunk and {len(same) - n_trunk} head tensors loaded from {folder}"]
