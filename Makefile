@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first and pinned: a bare or ranged torch would pull a multi-GB CUDA build on CPU machines.
 	$(BIN)/python -m pip install -q torch==2.13.0 -c constraints.txt
-	$(BIN)/python -m pip install -q -e '.[dev]' -c constraints.txt
+	$(BIN)/python -m pip install -q -e '.[dev,hf]' -c constraints.txt
 	touch $(STAMP)
 
 ## Tokenizer and shards of the built-in corpora (stdlib code and prose); an interrupted build resumes.
