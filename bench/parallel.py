@@ -67,7 +67,7 @@ LAYOUTS: dict[str, tuple[int, list[str]]] = {
     "dp2_pp2": (4, ["parallel.pp=2", "optim.zero_stage=1"]),
 }
 FULL = {"steps": 30, "log_every": 5, "layouts": ",".join(LAYOUTS)}
-QUICK = {"steps": 3, "log_every": 1, "layouts": "single,dp2_zero1,pp2"}
+QUICK = {"steps": 3, "log_every": 1, "layouts": "single,dp2_zero1"}
 
 
 # --------------------------------------------------------------------------------------------------

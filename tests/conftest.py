@@ -45,3 +45,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("gpu") is not None:
             item.add_marker(gpu_skip)
+
+
+@pytest.fixture(scope="session")
+def layout_runs(tmp_path_factory: pytest.TempPathFactory):
+    """The parity runs shared by the layout and reshard tests (tests/layout_runs.py)."""
+    from layout_runs import LayoutRuns
+
+    return LayoutRuns(tmp_path_factory.mktemp("layouts"))

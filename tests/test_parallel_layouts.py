@@ -1,13 +1,13 @@
 """Parallel layouts under torchrun (CPU, gloo) train the same model as one process.
 
-One launch per layout; each run logs every step, so the whole loss trajectory is compared, and the final
-weights are compared from the checkpoint. The bf16 runs share one launch and track the fp32 run.
+One launch per layout (`layout_runs.py`; `test_reshard.py` resumes the same runs at other layouts); each run
+logs every step, so the whole loss trajectory is compared, and the final weights are compared from the
+checkpoint. The bf16 runs share one launch and track the fp32 run.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,31 +16,10 @@ import pytest
 import torch
 
 from cpmtp_dist.training.checkpoint import read_model_state
-from parity_config import PARITY
+from layout_runs import LAYOUTS, SMALL, STEPS, env
 from runs import assert_fp32_optimizer_state, metrics_by_step
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = 5
-SMALL = [*PARITY, f"train.steps={STEPS}", "train.micro_batch_size=2", "train.eval_batches=2"]
-
-SEPARATE = ["model.cp.parameterisation=separate"]
-# Llama-style trunk: grouped-query attention (2 key/value heads for 4), SwiGLU, untied output layer.
-LLAMA = ["model.trunk.num_query_groups=2", "model.trunk.mlp=swiglu", "model.trunk.untie_embeddings=true"]
-# name: (processes, layout settings, model settings: the single-process reference runs with these). Every
-# kind of parallelism (tp, sp, pp, ep, dp) runs with the GPT-style trunk in some layout and with LLAMA in another.
-LAYOUTS = {
-    "tp2": (2, ["parallel.tp=2"], []),
-    "tp2_separate": (2, ["parallel.tp=2"], SEPARATE),
-    "tp2_sp_llama": (2, ["parallel.tp=2", "parallel.sequence_parallel=true"], LLAMA),
-    "ep2_zero1_llama": (2, ["parallel.ep=2", "optim.zero_stage=1"], LLAMA),
-    "ep2_zero2_separate": (2, ["parallel.ep=2", "optim.zero_stage=2"], SEPARATE),
-    "tp2_ep2_zero1": (4, ["parallel.tp=2", "parallel.ep=2", "optim.zero_stage=1"], []),
-    "dp2_zero1": (2, ["optim.zero_stage=1"], []),
-    "dp2_zero2_llama": (2, ["optim.zero_stage=2"], LLAMA),
-    "pp2_zero1": (2, ["parallel.pp=2", "optim.zero_stage=1"], []),
-    "tp2_pp2_zero1_llama": (4, ["parallel.tp=2", "parallel.pp=2", "optim.zero_stage=1"], LLAMA),
-    "dp2_pp2_zero2_separate": (4, ["parallel.pp=2", "optim.zero_stage=2"], SEPARATE),
-}
 
 
 # name: settings of a bf16 run on 2 processes (dp x pp); all of them train in one launch.
@@ -53,20 +32,6 @@ BF16_LAYOUTS = {
 BF16_LOSS_TOL, BF16_GRAD_NORM_RTOL = 3e-3, 1e-2
 
 
-def env(cache: Path) -> dict[str, str]:
-    return {**os.environ, "CPMTP_CACHE_DIR": str(cache), "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-
-
-def launch(run_dir: Path, nproc: int, overrides: list[str], cache: Path) -> subprocess.CompletedProcess:
-    args = ["train", "--config", "configs/tiny.yaml", "--run-dir", str(run_dir), *SMALL, *overrides]
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "launchers.cli", *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-        cmd += ["-m", "launchers.cli", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env(cache), capture_output=True, text=True, timeout=600)
-
-
 def read_run(run_dir: Path) -> tuple[list[dict], dict[str, torch.Tensor]]:
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     state = read_model_state(run_dir / "checkpoints" / f"step_{STEPS:07d}")
@@ -74,35 +39,16 @@ def read_run(run_dir: Path) -> tuple[list[dict], dict[str, torch.Tensor]]:
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    return tmp_path_factory.mktemp("layouts")
-
-
-@pytest.fixture(scope="module")
-def reference(workdir):
-    """The single-process run of a model variant, run once per variant."""
-    done: dict[tuple[str, ...], tuple[list[dict], dict[str, torch.Tensor]]] = {}
-
-    def get(model: list[str]) -> tuple[list[dict], dict[str, torch.Tensor]]:
-        key = tuple(model)
-        if key not in done:
-            run_dir = workdir / ("single_" + "_".join(m.split("=")[1] for m in model))
-            res = launch(run_dir, 1, model, workdir / "cache")
-            assert res.returncode == 0, res.stderr[-3000:]
-            done[key] = read_run(run_dir)
-        return done[key]
-
-    return get
+def reference(layout_runs):
+    """The single-process run of a model variant (launched once per session)."""
+    return lambda model: read_run(layout_runs.single(model))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_layout_matches_one_process(workdir, reference, name):
-    nproc, layout, model = LAYOUTS[name]
-    ref_rows, ref_state = reference(model)
-    res = launch(workdir / name, nproc, layout + model, workdir / "cache")
-    assert res.returncode == 0, res.stderr[-3000:]
-    rows, state = read_run(workdir / name)
+def test_layout_matches_one_process(layout_runs, reference, name):
+    ref_rows, ref_state = reference(LAYOUTS[name][2])
+    rows, state = read_run(layout_runs.layout(name))
     train_rows = [r for r in rows if "loss" in r]
     ref_train = [r for r in ref_rows if "loss" in r]
     assert [r["step"] for r in train_rows] == list(range(1, STEPS + 1))
@@ -120,13 +66,9 @@ def test_layout_matches_one_process(workdir, reference, name):
 
 
 @pytest.mark.slow
-def test_zero1_halves_optimizer_state_per_rank(workdir, reference):
+def test_zero1_halves_optimizer_state_per_rank(layout_runs, reference):
     ref_rows, _ = reference([])
-    run_dir = workdir / "dp2_zero1"
-    if not (run_dir / "metrics.jsonl").exists():
-        res = launch(run_dir, 2, LAYOUTS["dp2_zero1"][1], workdir / "cache")
-        assert res.returncode == 0, res.stderr[-3000:]
-    rows, _ = read_run(run_dir)
+    rows, _ = read_run(layout_runs.layout("dp2_zero1"))
     single = ref_rows[0]["optim_state_mib_rank0"]
     sharded = rows[0]["optim_state_mib_rank0"]
     ratio = sharded / single
@@ -135,7 +77,7 @@ def test_zero1_halves_optimizer_state_per_rank(workdir, reference):
 
 
 @pytest.mark.slow
-def test_bf16_tracks_fp32_in_data_and_pipeline_layouts(workdir, reference):
+def test_bf16_tracks_fp32_in_data_and_pipeline_layouts(layout_runs, reference):
     """`train.precision=bf16` on 2 processes with ZeRO-0, 1, 2 and pp2 stays within BF16_LOSS_TOL of the
     fp32 one-process run at every step and in the held-out loss, with the gradient norm within
     BF16_GRAD_NORM_RTOL, and each checkpoint holds fp32 master weights and moments beside the bf16 weights.
@@ -147,12 +89,12 @@ def test_bf16_tracks_fp32_in_data_and_pipeline_layouts(workdir, reference):
     the accumulation: DeepSpeed's BF16_Optimizer (ZeRO-1) without `immediate_grad_update` counted the first
     micro-batch twice here, a norm 1.56x too large with the losses still within 2e-4 of fp32."""
     ref_rows, _ = reference([])
-    root = workdir / "bf16"
+    root = layout_runs.root / "bf16"
     cases = {name: [*SMALL, "train.precision=bf16", *settings] for name, settings in BF16_LAYOUTS.items()}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            "tests/train_several.py", str(root), json.dumps(cases)]  # fmt: skip
     res = subprocess.run(
-        cmd, cwd=ROOT, env=env(workdir / "cache"), capture_output=True, text=True, timeout=600
+        cmd, cwd=ROOT, env=env(layout_runs.cache), capture_output=True, text=True, timeout=600
     )
     assert res.returncode == 0, res.stderr[-3000:]
     ref: dict[int, dict] = {}

@@ -104,14 +104,16 @@ def assert_same_run(run: Path, ref: Path, *, exact: bool = False) -> None:
             torch.testing.assert_close(a[k], v, rtol=0, atol=tol, msg=lambda m, k=k: f"{k}: {m}")
 
 
-def start_and_signal(run: Path, extra: list[str], cache: Path, sig: int) -> tuple[int, str]:
-    """Start a run, send it `sig` once it has logged step KILL_AFTER; its exit status and output."""
+def start_and_signal(
+    run: Path, extra: list[str], cache: Path, sig: int, after: int = KILL_AFTER
+) -> tuple[int, str]:
+    """Start a run, send it `sig` once it has logged step `after`; its exit status and output."""
     log = run.with_name(run.name + ".out")
     with log.open("w") as out:
         proc = subprocess.Popen(command(run, *extra), cwd=ROOT, env=env(cache), stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
         deadline = time.time() + 600
-        while logged_steps(run) < KILL_AFTER and proc.poll() is None and time.time() < deadline:
+        while logged_steps(run) < after and proc.poll() is None and time.time() < deadline:
             time.sleep(0.02)
         assert proc.poll() is None, "the run ended before the signal"
         os.killpg(proc.pid, sig)
@@ -200,14 +202,22 @@ def test_crash_during_a_save_keeps_the_previous_checkpoint(tmp_path, reference):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR2], ids=["SIGTERM", "SIGUSR2"])
-def test_preemption_signal_saves_and_exits_and_the_resume_continues(tmp_path, shards, reference, sig):
+def test_preemption_signals_save_and_exit_and_the_resumes_continue(tmp_path, reference):
+    """SIGTERM, then SIGUSR2 during the resumed run: each saves a checkpoint at the step it stopped after
+    and exits with status 3; the second resume ends as the uninterrupted run."""
     cache, run = tmp_path / "cache", tmp_path / "run"
-    returncode, out = start_and_signal(run, [], cache, sig)
-    assert returncode == 3, out[-3000:]
-    stopped = logged_steps(run)
-    assert KILL_AFTER <= stopped < STEPS
-    assert f"checkpoint {run / 'checkpoints' / f'step_{stopped:07d}'} saved after step {stopped}" in out
+    stopped = 0
+    for sig, after, extra in (
+        (signal.SIGTERM, KILL_AFTER, []),
+        (signal.SIGUSR2, 2 * KILL_AFTER, ["--resume", "auto"]),
+    ):
+        returncode, out = start_and_signal(run, extra, cache, sig, after)
+        assert returncode == 3, (sig, out[-3000:])
+        if extra:
+            assert f"at step {stopped}" in out, out[-3000:]
+        stopped = logged_steps(run)
+        assert after <= stopped < STEPS, sig
+        assert f"checkpoint {run / 'checkpoints' / f'step_{stopped:07d}'} saved after step {stopped}" in out
     resumed = subprocess.run(command(run, "--resume", "auto"), cwd=ROOT, env=env(cache),
                              capture_output=True, text=True)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
