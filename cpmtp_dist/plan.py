@@ -217,7 +217,9 @@ def step_flops_per_rank(cfg: Config, world_size: int) -> float:
 
 
 def one_line(est: MemoryEstimate, device_gib: float | None = None) -> str:
-    """`plan: 31.2 GiB/rank (params 2.1, grads 2.1, ...) of 80 GiB`: what `cpmtp train` prints."""
+    """`plan: 31.20 GiB/rank (params 2.10, grads 2.10, ...) of 80 GiB`: what `cpmtp train` prints (in MiB
+    below 1 GiB)."""
+    unit, scale = ("GiB", GIB) if est.total >= GIB else ("MiB", 2**20)
     parts = [
         ("params", est.params),
         ("grads", est.grads),
@@ -226,9 +228,9 @@ def one_line(est: MemoryEstimate, device_gib: float | None = None) -> str:
         ("activations", est.activations),
         ("cp loss", est.cp_loss),
     ]
-    inner = ", ".join(f"{name} {value / GIB:.2f}" for name, value in parts)
+    inner = ", ".join(f"{name} {value / scale:.2f}" for name, value in parts)
     tail = f" of {device_gib:.0f} GiB" if device_gib else ""
-    return f"plan: {est.total / GIB:.2f} GiB/rank ({inner}){tail}"
+    return f"plan: {est.total / scale:.2f} {unit}/rank ({inner}){tail}"
 
 
 @dataclass(frozen=True)
