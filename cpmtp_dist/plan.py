@@ -137,10 +137,12 @@ def _activations(cfg: Config, tp: int, pp: int, stage: int, in_flight: int, e: i
 
 
 def _cp_loss(cfg: Config, tp: int, ep: int, e: int, head_params: int, trunk_trained: bool) -> float:
-    """Bytes of the chunked CP loss of one micro-batch (`model/cp_loss.py`), at its backward's peak: the
-    head's batch-first copy of h and the ep group's gathered rows, the saved targets (int64),
-    responsibilities and log-normalisers (fp32), the per-position outputs, fp32 gradients of the rows and of
-    every head parameter and of the unembedding, and one chunk of logits with its fp32 copy and gradient."""
+    """Bytes of the chunked CP loss of one micro-batch (`model/cp_loss.py`): what its forward saves (the
+    head's batch-first copy of h and the ep group's gathered rows, targets in int64, responsibilities and
+    log-normalisers in fp32) and its per-position outputs, plus the larger of the forward's chunk (the
+    logits, their fp32 copy in a bf16 run, logsumexp's fp32 temporary) and the backward's buffers (fp32
+    gradients of the rows, of every head parameter and of the unembedding; the chunk's logits, in a bf16
+    run their fp32 copy, which becomes the logits' gradient in place, and its bf16 cast)."""
     t, c = cfg.model.trunk, cfg.model.cp
     d, v_local = t.hidden_size, t.vocab_size // tp
     rows = cfg.train.micro_batch_size * t.seq_length
@@ -148,11 +150,12 @@ def _cp_loss(cfg: Config, tp: int, ep: int, e: int, head_params: int, trunk_trai
     r_local = c.rank // ep
     saved = rows_all * (e * d * (2 if ep > 1 else 1) + 8 * c.horizon + 4 * c.rank + 4 * r_local * c.horizon)
     outputs = rows * 3 * 4 * c.rank  # log w, l and gamma of this rank's rows
-    grads = 4 * rows_all * d + 4 * head_params
+    chunk = min(c.chunk_tokens, rows_all) * v_local
+    forward = chunk * (4 + 4 if e == 4 else e + 4 + 4)
+    backward = 4 * rows_all * d + 4 * head_params + chunk * (4 if e == 4 else e + 4 + e)
     if trunk_trained and c.parameterisation == "shared":
-        grads += 4 * v_local * d  # the accumulator of U's gradient
-    chunk = min(c.chunk_tokens, rows_all) * v_local * (e + 4 + 4)
-    return saved + outputs + grads + chunk
+        backward += 4 * v_local * d  # the accumulator of U's gradient
+    return saved + outputs + max(forward, backward)
 
 
 def _kv_cache(cfg: Config, e: int) -> float:
