@@ -140,7 +140,8 @@ def _cp_loss(cfg: Config, tp: int, ep: int, e: int, head_params: int, trunk_trai
     """Bytes of the chunked CP loss of one micro-batch (`model/cp_loss.py`): what its forward saves (the
     head's batch-first copy of h and the ep group's gathered rows, targets in int64, responsibilities and
     log-normalisers in fp32) and its per-position outputs, plus the larger of the forward's chunk (the
-    logits, their fp32 copy in a bf16 run, logsumexp's fp32 temporary) and the backward's buffers (fp32
+    logits, their fp32 copy in a bf16 run, logsumexp's fp32 temporaries, the accuracy's mixture on logging
+    steps) and the backward's buffers (fp32
     gradients of the rows, of every head parameter and of the unembedding; the chunk's logits, in a bf16
     run their fp32 copy, which becomes the logits' gradient in place, and its bf16 cast)."""
     t, c = cfg.model.trunk, cfg.model.cp
@@ -151,7 +152,10 @@ def _cp_loss(cfg: Config, tp: int, ep: int, e: int, head_params: int, trunk_trai
     saved = rows_all * (e * d * (2 if ep > 1 else 1) + 8 * c.horizon + 4 * c.rank + 4 * r_local * c.horizon)
     outputs = rows * 3 * 4 * c.rank  # log w, l and gamma of this rank's rows
     chunk = min(c.chunk_tokens, rows_all) * v_local
-    forward = chunk * (4 + 4 if e == 4 else e + 4 + 4)
+    # Forward: the logits (and their fp32 copy in bf16), logsumexp's temporary (two under tp: the shifted
+    # logits and their exponential), and on logging steps the fp32 mixture the accuracy is read from (the
+    # first component's exponentiated logits, kept while the others are added: with two or more here).
+    forward = chunk * ((4 if e == 4 else e + 4) + (8 if tp > 1 else 4) + (4 if r_local > 1 else 0))
     backward = 4 * rows_all * d + 4 * head_params + chunk * (4 if e == 4 else e + 4 + e)
     if trunk_trained and c.parameterisation == "shared":
         backward += 4 * v_local * d  # the accumulator of U's gradient
