@@ -25,7 +25,16 @@ from cpmtp_dist.config import Config
 from cpmtp_dist.flops import flops_per_token, forward_flops_per_token
 from cpmtp_dist.layout import Layout
 
-__all__ = ["MemoryEstimate", "Candidate", "estimate", "candidate_layouts", "params_per_rank", "one_line"]
+__all__ = [
+    "Candidate",
+    "MemoryEstimate",
+    "candidate_layouts",
+    "estimate",
+    "one_line",
+    "optimizer_bytes",
+    "params_per_rank",
+    "step_flops_per_rank",
+]
 
 GIB = 2**30
 
@@ -86,7 +95,9 @@ def params_per_rank(cfg: Config, tp: int, pp: int, ep: int, stage: int) -> tuple
     return trunk, head
 
 
-def _optimizer(cfg: Config, p: float, dp: int, bf16: bool, pipelined: bool) -> tuple[float, float, float]:
+def optimizer_bytes(
+    cfg: Config, p: float, dp: int, bf16: bool, pipelined: bool
+) -> tuple[float, float, float]:
     """(gradients, optimizer state, buckets) in bytes for p parameters on this rank.
 
     fp32: ZeRO-0 is the client AdamW (fp32 .grad, m, v); ZeRO 1/2 is DeepSpeedZeroOptimizer, which keeps an
@@ -183,7 +194,7 @@ def estimate(cfg: Config, world_size: int, *, cuda: bool = True) -> MemoryEstima
     for stage in range(par.pp):
         trunk, head = params_per_rank(cfg, par.tp, par.pp, par.ep, stage)
         trainable = (trunk if trained else 0) + head
-        grads, optimizer, buffers = _optimizer(cfg, trainable, dp, bf16, par.pp > 1)
+        grads, optimizer, buffers = optimizer_bytes(cfg, trainable, dp, bf16, par.pp > 1)
         if head and par.ep > 1:  # the components' optimizer state is sharded over dp / ep only
             extra = 12 * head * (1 / layout.expert_dp - 1 / dp) if cfg.optim.zero_stage else 0.0
             optimizer += extra

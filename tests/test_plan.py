@@ -15,10 +15,10 @@ from cpmtp_dist.config_io import load_config, validate_config
 from cpmtp_dist.flops import flops_per_token
 from cpmtp_dist.plan import (
     GIB,
-    _optimizer,
     candidate_layouts,
     estimate,
     one_line,
+    optimizer_bytes,
     params_per_rank,
     step_flops_per_rank,
 )
@@ -75,16 +75,20 @@ def test_zero_stages_shard_optimizer_state_and_gradients():
     p = 1000.0
     for bf16, e in ((False, 4), (True, 2)):
         cfg.optim.zero_stage = 0
-        assert _optimizer(cfg, p, 4, bf16, False) == (e * p, 8 * p + (4 * p if bf16 else 0), 0)
+        assert optimizer_bytes(cfg, p, 4, bf16, False) == (e * p, 8 * p + (4 * p if bf16 else 0), 0)
     cfg.optim.zero_stage = 1
-    assert _optimizer(cfg, p, 4, False, False) == (4 * p, 12 * p / 4, 4000)  # fp32 master + m + v over dp
+    assert optimizer_bytes(cfg, p, 4, False, False) == (
+        4 * p,
+        12 * p / 4,
+        4000,
+    )  # fp32 master + m + v over dp
     # bf16 at ZeRO-1 is DeepSpeed's BF16_Optimizer: an fp32 gradient accumulator beside the bf16 .grad.
-    assert _optimizer(cfg, p, 4, True, False) == (2 * p + 4 * p, 12 * p / 4, 0)
-    assert _optimizer(cfg, p, 4, True, True) == (2 * p, 12 * p / 4, 4000)  # under pp: the ZeRO optimizer
+    assert optimizer_bytes(cfg, p, 4, True, False) == (2 * p + 4 * p, 12 * p / 4, 0)
+    assert optimizer_bytes(cfg, p, 4, True, True) == (2 * p, 12 * p / 4, 4000)  # under pp: the ZeRO optimizer
     cfg.optim.zero_stage = 2
-    assert _optimizer(cfg, p, 4, True, False) == (4 * p / 4, 12 * p / 4, 4000)
+    assert optimizer_bytes(cfg, p, 4, True, False) == (4 * p / 4, 12 * p / 4, 4000)
     cfg.optim.overlap_comm = True  # a second bucket
-    assert _optimizer(cfg, p, 4, False, False)[2] == 8000
+    assert optimizer_bytes(cfg, p, 4, False, False)[2] == 8000
 
 
 def test_step_flops_are_flops_per_token():
@@ -169,3 +173,13 @@ def test_submit_prints_the_estimate_and_warns(capsys):
     assert out.startswith("plan: ") and "of 40 GiB" in out and "warning: the estimate" in out
     print_estimate(cfg, 8, gpus=True, gpu_memory_gib=141)
     assert "warning" not in capsys.readouterr().out
+
+
+def test_measure_memory_is_a_checked_setting():
+    from cpmtp_dist.config_io import ConfigError
+
+    assert (
+        load_config(ROOT / "configs/tiny.yaml").train.measure_memory is False
+    )  # off: it slows every operator
+    with pytest.raises(ConfigError, match="train.measure_memory"):
+        load_config(ROOT / "configs/tiny.yaml", ["train.measure_memory=often"])
