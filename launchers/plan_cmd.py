@@ -45,7 +45,8 @@ def run_plan(args: argparse.Namespace) -> int:
     print(
         f"the config's layout (tp {par.tp}, pp {par.pp}, ep {par.ep}, micro-batch {cfg.train.micro_batch_size}, "
         f"ZeRO-{cfg.optim.zero_stage}):\n  {one_line(est, args.gpu_memory_gib)}\n"
-        f"  KV cache for decoding one sequence of {cfg.model.trunk.seq_length} tokens: {est.kv_cache / GIB:.2f} GiB"
+        f"  KV cache for decoding one sequence of {cfg.model.trunk.seq_length} tokens: {est.kv_cache / GIB:.2f} GiB\n"
+        f"  ({'; '.join(est.assumptions)}; tensors only: add headroom for the CUDA context, NCCL and fragmentation)"
     )
     if est.total > args.gpu_memory_gib * GIB:
         print(f"warning: {est.total / GIB:.1f} GiB per GPU exceeds {args.gpu_memory_gib:g} GiB")
