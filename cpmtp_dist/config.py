@@ -167,6 +167,11 @@ class TrainConfig:
     """Evaluate on held-out data every this many steps (0: only at the end)."""
     eval_batches: int = 4
     """Micro-batches per evaluation."""
+    measure_memory: bool = False
+    """Measure the peak of live tensor memory per rank during the training steps and log its maximum over
+    the ranks as `measured_memory_gib` (`cpmtp plan`'s estimates are checked against it). CUDA: the
+    allocator's peak; CPU: every tensor storage counted while alive (`training/memory.py`), which slows
+    each operator a little."""
     peak_tflops: float = 0.0
     """Dense bf16 peak of one GPU in TFLOP/s, for MFU; 0: the built-in table by GPU name (A100, H100, H200 in
     their SXM, PCIe and NVL variants, GH200, B200, L40S, A10). Set it for a GPU the table lacks."""

@@ -6,6 +6,7 @@ cpmtp generate --checkpoint DIR --prompt TEXT|--prompt-file F [--max-new-tokens 
                [--greedy | --temperature T --top-k K --top-p P] [--seed S]
 cpmtp eval --checkpoint DIR [--data DIR] --out FILE.json [--batches B] [--prompts K] [--new-tokens N]
 cpmtp bench decode --checkpoint DIR --out FILE.json [--prompts K | --prompt-file F...] [--max-new-tokens N]
+cpmtp plan --config FILE --nodes N --gpus-per-node G [--gpu-memory-gib M] [--top K] [key=value ...]
 cpmtp submit --nodes N [--gpus-per-node G | --tasks-per-node K] --time T [--partition P] --config FILE
              [--run-dir DIR] [key=value ...] [-- more `cpmtp train` arguments]
 cpmtp data tokenizer --input PATH... --vocab-size N --out DIR [--model-type bpe|unigram]
@@ -104,6 +105,12 @@ def _train(args: argparse.Namespace) -> int:
         )
         print(f"done: {result.final_step} steps; {held_out}; checkpoint {result.checkpoint}")
     return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from launchers.plan_cmd import run_plan
+
+    return run_plan(args)
 
 
 def _submit(args: argparse.Namespace) -> int:
@@ -388,6 +395,24 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. model.cp.rank=8")
     t.set_defaults(fn=_train)
 
+    pl = sub.add_parser(
+        "plan",
+        help="memory per GPU, FLOPs per token and the layouts that fit a cluster, from the config alone",
+    )
+    pl.add_argument("--config", required=True, help="YAML config (defaults < file < overrides)")
+    pl.add_argument("--nodes", type=int, required=True, help="nodes")
+    pl.add_argument(
+        "--gpus-per-node", type=int, required=True, help="GPUs per node (tensor parallelism stays inside one)"
+    )
+    pl.add_argument(
+        "--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU in GiB (default 80)"
+    )
+    pl.add_argument("--top", type=int, default=10, help="fitting layouts listed (default 10)")
+    pl.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.micro_batch_size=2"
+    )
+    pl.set_defaults(fn=_plan)
+
     s = sub.add_parser(
         "submit",
         help="train on Slurm through submitit: one task per GPU, checkpoint and requeue before the time limit",
@@ -396,6 +421,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node, one task each (0: a CPU job)")
     s.add_argument("--tasks-per-node", type=int, help="processes per node of a CPU job (default 1)")
     s.add_argument("--cpus-per-task", type=int, help="CPUs per task")
+    s.add_argument(
+        "--gpu-memory-gib",
+        type=float,
+        help="memory of one GPU in GiB: warn when the plan's estimate exceeds it",
+    )
     s.add_argument("--partition", help="Slurm partition (default: the cluster's default)")
     s.add_argument("--time", required=True, help="time limit of each run: minutes, H:M:S or D-H:M:S")
     s.add_argument(

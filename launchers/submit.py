@@ -28,6 +28,8 @@ from pathlib import Path
 
 import submitit
 
+from cpmtp_dist.config import Config
+
 PREEMPTED = 3  # cpmtp_dist.training.preemption.PREEMPTED_EXIT_CODE, without importing torch here
 
 
@@ -169,6 +171,7 @@ def plan(args: argparse.Namespace) -> tuple[dict[str, object], list[str], Path]:
             train = build_parser().parse_args(["train", *train_args])
             cfg = load_config(train.config, train.overrides)
             validate_config(cfg, world_size=world_size, cuda_available=args.gpus_per_node > 0 or None)
+            print_estimate(cfg, world_size, gpus=args.gpus_per_node > 0, gpu_memory_gib=args.gpu_memory_gib)
         except SystemExit:  # argparse has printed what is wrong
             problems.append(f"arguments for `cpmtp train`: {shlex.join(train_args)}")
         except ConfigError as err:
@@ -193,6 +196,20 @@ def plan(args: argparse.Namespace) -> tuple[dict[str, object], list[str], Path]:
         params["slurm_partition"] = args.partition
     folder = Path(args.folder).absolute() if args.folder else run_dir / "submitit"
     return params, train_args, folder
+
+
+def print_estimate(cfg: Config, world_size: int, *, gpus: bool, gpu_memory_gib: float | None) -> None:
+    """`cpmtp plan`'s one-line estimate for the job's layout, and a warning when it exceeds the GPUs'
+    memory (`--gpu-memory-gib`)."""
+    from cpmtp_dist.plan import GIB, estimate, one_line
+
+    est = estimate(cfg, world_size, cuda=gpus)
+    print(one_line(est, gpu_memory_gib if gpus else None))
+    if gpus and gpu_memory_gib is not None and est.total > gpu_memory_gib * GIB:
+        print(
+            f"warning: the estimate {est.total / GIB:.1f} GiB per GPU exceeds --gpu-memory-gib {gpu_memory_gib:g}: "
+            "`cpmtp plan` lists the layouts that fit"
+        )
 
 
 def submit(args: argparse.Namespace) -> int:

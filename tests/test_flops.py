@@ -11,11 +11,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from cpmtp_dist.config import CPHeadConfig, ModelConfig, TrunkConfig
 from cpmtp_dist.data.loader import make_targets
+from cpmtp_dist.flops import flops_per_token, forward_flops_per_token
 from cpmtp_dist.model.cp_head import IGNORE_INDEX
 from cpmtp_dist.model.cp_model import CPModel
 from cpmtp_dist.parallel.state import initialize_parallel
-from cpmtp_dist.training import metrics
-from cpmtp_dist.training.metrics import flops_per_token, gpu_peak_flops, peak_flops
+from cpmtp_dist.training.metrics import gpu_peak_flops, peak_flops
 
 aten = torch.ops.aten
 HEADS = {
@@ -91,7 +91,7 @@ def check_flops(head: str, impl: str, freeze_trunk: bool, attention: str, **trun
     )  # 2 layers, fwd (+ bwd)
     # Model FLOPs leave out the chunked loss's recomputation of the head's forward, only that.
     recompute = flops.hardware - flops.model
-    assert recompute == (metrics.forward_flops_per_token(cfg)[1] if impl == "chunked" else 0)
+    assert recompute == (forward_flops_per_token(cfg)[1] if impl == "chunked" else 0)
 
 
 def test_gpu_peaks_by_name_and_the_configured_peak(monkeypatch):

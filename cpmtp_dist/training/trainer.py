@@ -12,6 +12,7 @@ Head-only fine-tuning with distillation (`finetune.distill_weight` = beta) back-
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -28,6 +29,7 @@ from cpmtp_dist.config import Config
 from cpmtp_dist.config_io import config_to_dict
 from cpmtp_dist.data.loader import make_targets
 from cpmtp_dist.data.source import build_training_data
+from cpmtp_dist.flops import flops_per_token
 from cpmtp_dist.layout import Layout
 from cpmtp_dist.model.cp_head import IGNORE_INDEX
 from cpmtp_dist.model.cp_loss import CPLossOutput
@@ -62,7 +64,8 @@ from cpmtp_dist.training.finetune import (
     freeze_trunk,
     load_initial_weights,
 )
-from cpmtp_dist.training.metrics import MetricsLogger, entropy, flops_per_token, peak_flops
+from cpmtp_dist.training.memory import LiveTensorBytes, measured_peak_gib, print_plan
+from cpmtp_dist.training.metrics import MetricsLogger, entropy, peak_flops
 from cpmtp_dist.training.optim import build_engine
 from cpmtp_dist.training.preemption import PreemptionWatch
 from cpmtp_dist.training.tracking import Tracker, maybe_build_tracker, run_files
@@ -408,6 +411,20 @@ def drop_metrics_after(path: Path, step: int) -> None:
 def train(
     cfg: Config, run_dir: Path, *, resume: Path | None = None, tracker: Tracker | None = None
 ) -> TrainResult:
+    """`_train` below; with `train.measure_memory` on a CPU, under the tensor-memory meter."""
+    meter = LiveTensorBytes() if cfg.train.measure_memory and not torch.cuda.is_available() else None
+    with meter or contextlib.nullcontext():
+        return _train(cfg, run_dir, resume=resume, tracker=tracker, meter=meter)
+
+
+def _train(
+    cfg: Config,
+    run_dir: Path,
+    *,
+    resume: Path | None = None,
+    tracker: Tracker | None = None,
+    meter: LiveTensorBytes | None = None,
+) -> TrainResult:
     """Train `cfg` and write the run directory (config, metrics, checkpoints), tracked in MLflow by
     `tracker` (`cpmtp train` starts it early), or else as `cfg.tracking` says.
 
@@ -435,6 +452,8 @@ def train(
         tracker.add_files(run_files(run_dir, data.tokenizer_dir, cfg.data.path))
     t = cfg.train
     grad_accum = Layout.of(cfg, groups.world_size).grad_accum
+    if meter is not None:
+        meter.forget()  # the model, optimizer and steps: what `cpmtp plan` estimates
     model = build_model(cfg, groups, dtype, device)
     finetune_note = apply_finetune(model, cfg, groups, init=init, resuming=resume is not None)
     # Under pp, Megatron's schedule runs the micro-batches: DeepSpeed sees one batch per step.
@@ -454,6 +473,7 @@ def train(
     flops = flops_per_token(cfg.model, freeze_trunk=cfg.finetune.freeze_trunk)
     peak = peak_flops(device, t.peak_tflops)
     n_params = count_parameters(model, groups)
+    print_plan(cfg, groups.world_size, device, enabled=is_logger)
     if is_logger:
         print(
             f"model: {n_params / 1e6:.2f}M parameters, n={cfg.model.cp.horizon} r={cfg.model.cp.rank} "
@@ -514,6 +534,8 @@ def train(
     last_ckpt = None
     tic = time.perf_counter()
     watch = PreemptionWatch(device)
+    if meter is not None:
+        meter.reset_peak()  # the training steps' peak, not the weights' construction
     with watch:
         for step in range(start + 1, t.steps + 1):
             log_now = step % t.log_every == 0 or step == t.steps
@@ -543,6 +565,8 @@ def train(
                     metrics["mfu"] = tps * flops.model / (peak * groups.world_size)
                     metrics["hfu"] = tps * flops.hardware / (peak * groups.world_size)
                     metrics["max_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+                if t.measure_memory:
+                    metrics["measured_memory_gib"] = measured_peak_gib(meter, device)
                 logger.log(step, metrics)
                 tic = time.perf_counter()
             if t.eval_every and step % t.eval_every == 0 and step != t.steps and valid:
