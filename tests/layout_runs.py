@@ -28,19 +28,23 @@ SMALL = [
 SEPARATE = ["model.cp.parameterisation=separate"]
 # Llama-style trunk: grouped-query attention (2 key/value heads for 4), SwiGLU, untied output layer.
 LLAMA = ["model.trunk.num_query_groups=2", "model.trunk.mlp=swiglu", "model.trunk.untie_embeddings=true"]
+# Three runs measure their peak tensor memory, which `cpmtp plan` must predict (tests/plan_check.py); the ZeRO
+# ones with small buckets, or DeepSpeed's two reduce buckets (1.5 GiB in fp32) would be most of what is checked.
+MEASURED = ["train.measure_memory=true"]
+SMALL_BUCKETS = ["optim.reduce_bucket_size=10000"]
 # name: (processes, layout settings, model settings: the single-process reference runs with these). Every
 # kind of parallelism (tp, sp, pp, ep, dp) runs with the GPT-style trunk in some layout and with LLAMA in another.
 LAYOUTS = {
-    "tp2": (2, ["parallel.tp=2"], []),
+    "tp2": (2, ["parallel.tp=2", *MEASURED], []),
     "tp2_separate": (2, ["parallel.tp=2"], SEPARATE),
     "tp2_sp_llama": (2, ["parallel.tp=2", "parallel.sequence_parallel=true"], LLAMA),
     "ep2_zero1_llama": (2, ["parallel.ep=2", "optim.zero_stage=1"], LLAMA),
     "ep2_zero2_separate": (2, ["parallel.ep=2", "optim.zero_stage=2"], SEPARATE),
     "tp2_ep2_zero1": (4, ["parallel.tp=2", "parallel.ep=2", "optim.zero_stage=1"], []),
-    "dp2_zero1": (2, ["optim.zero_stage=1"], []),
+    "dp2_zero1": (2, ["optim.zero_stage=1", *MEASURED, *SMALL_BUCKETS], []),
     # Its checkpoints are written in the background (checkpoint.async_save).
     "dp2_zero2_llama": (2, ["optim.zero_stage=2", "checkpoint.async_save=true"], LLAMA),
-    "pp2_zero1": (2, ["parallel.pp=2", "optim.zero_stage=1"], []),
+    "pp2_zero1": (2, ["parallel.pp=2", "optim.zero_stage=1", *MEASURED, *SMALL_BUCKETS], []),
     "tp2_pp2_zero1_llama": (4, ["parallel.tp=2", "parallel.pp=2", "optim.zero_stage=1"], LLAMA),
     "dp2_pp2_zero2_separate": (4, ["parallel.pp=2", "optim.zero_stage=2"], SEPARATE),
 }

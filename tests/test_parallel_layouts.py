@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from cpmtp_dist.training.checkpoint import read_model_state
-from layout_runs import LAYOUTS, SMALL, STEPS, env
+from layout_runs import LAYOUTS, MEASURED, SMALL, STEPS, env
+from plan_check import assert_plan_matches
 from runs import assert_fp32_optimizer_state, metrics_by_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,6 +64,15 @@ def test_layout_matches_one_process(layout_runs, reference, name):
             torch.testing.assert_close(
                 state[k], v, rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{name} {k}: {m}"
             )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [name for name, (_, layout, _) in LAYOUTS.items() if MEASURED[0] in layout])
+def test_plan_predicts_the_measured_peak_memory(layout_runs, name):
+    """`cpmtp plan`'s per-rank estimate for the layout is within 20 % of the peak tensor memory the run
+    measured (`train.measure_memory`); one process: tests/test_plan.py."""
+    predicted, measured = assert_plan_matches(layout_runs.layout(name), LAYOUTS[name][0])
+    print(f"{name}: planned {predicted / 2**20:.3f} MiB per rank, measured {measured / 2**20:.3f} MiB")
 
 
 @pytest.mark.slow
