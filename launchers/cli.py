@@ -8,6 +8,8 @@ cpmtp eval --checkpoint DIR [--data DIR] --out FILE.json [--batches B] [--prompt
 cpmtp bench decode --checkpoint DIR --out FILE.json [--prompts K | --prompt-file F...] [--max-new-tokens N]
 cpmtp submit --nodes N [--gpus-per-node G | --tasks-per-node K] --time T [--partition P] --config FILE
              [--run-dir DIR] [key=value ...] [-- more `cpmtp train` arguments]
+cpmtp convert from-hf --model HF_DIR --out DIR [--tokenizer DIR] [--horizon n --rank r ...] [--fresh-head]
+cpmtp convert to-hf --checkpoint DIR --out HF_DIR [--max-shard-gb G]
 cpmtp data tokenizer --input PATH... --vocab-size N --out DIR [--model-type bpe|unigram]
 cpmtp data shards --input PATH... --tokenizer DIR --seq-len L --out DIR [--shard-size-mb M] [--workers W]
 """
@@ -335,6 +337,84 @@ def _data_shards(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert_from_hf(args: argparse.Namespace) -> int:
+    from cpmtp_dist.hf import ConversionError, import_hf
+
+    cp = {
+        "horizon": args.horizon,
+        "rank": args.rank,
+        "parameterisation": args.parameterisation,
+        "phi": args.phi,
+        "phi_hidden_size": args.phi_hidden_size,
+    }
+    try:
+        folder = import_hf(
+            Path(args.model),
+            Path(args.out),
+            cp,
+            fresh_head=args.fresh_head,
+            tokenizer_dir=Path(args.tokenizer) if args.tokenizer else None,
+            seed=args.seed,
+        )
+    except (ConversionError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    note = (
+        "" if (folder / "tokenizer").is_dir() else " (no tokenizer: pass --tokenizer DIR for generate/eval)"
+    )
+    print(f"done: {folder}{note}")
+    return 0
+
+
+def _convert_to_hf(args: argparse.Namespace) -> int:
+    from cpmtp_dist.hf import ConversionError, export_hf
+
+    try:
+        files = export_hf(Path(args.checkpoint), Path(args.out), int(args.max_shard_gb * 2**30))
+    except (ConversionError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"done: {args.out}: {', '.join(files)}")
+    return 0
+
+
+def _convert_parser(sub: argparse._SubParsersAction) -> None:
+    c = sub.add_parser("convert", help="Hugging Face Llama folders to and from checkpoints (the hf extra)")
+    cs = c.add_subparsers(dest="convert_command", required=True)
+    f = cs.add_parser("from-hf", help="a LlamaForCausalLM folder (config.json + safetensors) to a checkpoint")
+    f.add_argument(
+        "--model", required=True, help="the folder (save_pretrained's: config.json, *.safetensors)"
+    )
+    f.add_argument("--out", required=True, help="new folder; the checkpoint is OUT/step_0000000 (OUT/latest)")
+    f.add_argument(
+        "--tokenizer",
+        help="a cpmtp tokenizer folder (`cpmtp data tokenizer`) whose ids are the model's (default: the folder's "
+        "cpmtp_tokenizer/; the folder's own Hugging Face tokenizer is not converted)",
+    )
+    f.add_argument("--horizon", type=int, help="n of the fresh CP head (default 4)")
+    f.add_argument("--rank", type=int, help="r of the fresh CP head (default 4)")
+    f.add_argument("--parameterisation", choices=["shared", "separate"], help="default shared")
+    f.add_argument("--phi", choices=["residual", "linear"], help="default residual")
+    f.add_argument("--phi-hidden-size", type=int, help="default: hidden_size")
+    f.add_argument(
+        "--fresh-head", action="store_true", help="ignore a CP head in the folder (cp_head.*); draw a new one"
+    )
+    f.add_argument("--seed", type=int, default=1234, help="seed of the fresh head (train.seed)")
+    f.set_defaults(fn=_convert_from_hf)
+    t = cs.add_parser(
+        "to-hf", help="a checkpoint's trunk as a LlamaForCausalLM folder, its CP head beside it"
+    )
+    t.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run's checkpoints/ folder")
+    t.add_argument("--out", required=True, help="output folder")
+    t.add_argument(
+        "--max-shard-gb",
+        type=float,
+        default=5.0,
+        help="shard model.safetensors above this size (0: one file)",
+    )
+    t.set_defaults(fn=_convert_to_hf)
+
+
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--greedy", action="store_true", help="argmax decoding (the default without the options below)"
@@ -457,6 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
     _device_args(bd)
     _tracking_args(bd)
     bd.set_defaults(fn=_bench_decode)
+
+    _convert_parser(sub)
 
     d = sub.add_parser("data", help="build tokenizers and training shards").add_subparsers(
         dest="data_command", required=True
