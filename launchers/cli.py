@@ -359,10 +359,16 @@ def _convert_from_hf(args: argparse.Namespace) -> int:
     except (ConversionError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    note = (
-        "" if (folder / "tokenizer").is_dir() else " (no tokenizer: pass --tokenizer DIR for generate/eval)"
-    )
-    print(f"done: {folder}{note}")
+    print(f"done: {folder}")
+    if not (folder / "tokenizer").is_dir():
+        own = [f for f in ("tokenizer.json", "tokenizer.model") if (Path(args.model) / f).is_file()]
+        why = f"{args.model}'s own {' and '.join(own)} is not a cpmtp tokenizer; " if own else ""
+        print(
+            f"note: the checkpoint holds no tokenizer ({why}`cpmtp generate` and `eval` need one): convert again "
+            "with --tokenizer DIR, a `cpmtp data tokenizer` folder whose ids are the model's. "
+            "finetune.init_from does not need it.",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -596,8 +602,8 @@ def main(argv: list[str] | None = None) -> int:
     quiet_known_warnings()
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    if getattr(args, "device", None) == "cpu":
-        # Before torch looks for GPUs: Megatron places rotary tables and caches wherever CUDA is visible.
+    if getattr(args, "device", None) == "cpu" or args.command == "convert":
+        # convert is CPU work. Before torch looks for GPUs: Megatron places rotary tables and caches wherever CUDA is visible.
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     return args.fn(args)
 

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -112,7 +113,7 @@ def made(tmp_path_factory):
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_the_converted_trunk_computes_what_transformers_does(made, variant):
+def test_the_converted_trunk_computes_what_transformers_does(made, variant, capsys):
     folder, ckpt, (ref_h, ref_logits, ref_inv_freq) = made[variant]
     loaded, h, logits = ours(ckpt, made["tokens"])
     trunk = loaded.config.model.trunk
@@ -132,6 +133,10 @@ def test_the_converted_trunk_computes_what_transformers_does(made, variant):
     with torch.no_grad():
         log_p = next_token_log_probs(loaded.model.head, h.reshape(-1, D), loaded.model.unembedding())
     torch.testing.assert_close(log_p, torch.log_softmax(ref_logits, -1).reshape(-1, V), rtol=0, atol=MAX_ABS)
+    if variant == "tied":  # `cpmtp generate` decodes from the converted checkpoint
+        argv = ["generate", "--checkpoint", str(ckpt), "--prompt", "def f", "--max-new-tokens", "6"]
+        assert cli([*argv, "--device", "cpu"]) == 0
+        assert "6 tokens in" in capsys.readouterr().err
 
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -168,6 +173,7 @@ def test_folders_round_trip_bit_for_bit(made, variant):
     with torch.no_grad():
         torch.testing.assert_close(hf(made["tokens"]).logits, ref_logits, rtol=0, atol=0)
     assert cli(["convert", "from-hf", "--model", str(exported), "--out", str(back)]) == 0
+    assert (back / "step_0000000" / "tokenizer" / "tokenizer.json").is_file()  # the tokenizer travels too
     a, b = read_model_state(ckpt / "step_0000000"), read_model_state(back / "step_0000000")
     assert set(a) == set(b) and any(k.startswith("head.") for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -325,6 +331,12 @@ def test_bad_input_is_named(made, tmp_path, capsys):
     # The command line says the same, with exit status 2.
     assert cli(["convert", "from-hf", "--model", str(bare), "--out", str(tmp_path / "out")]) == 2
     assert "neither model.safetensors" in capsys.readouterr().err
+
+
+def test_a_missing_extra_says_what_to_install(made, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)  # import fails as if not installed
+    msg = _refusal(made["tied"][0], tmp_path)
+    assert "pip install -e .[hf]" in msg
 
 
 def test_a_head_in_the_folder_is_kept_or_replaced_explicitly(made, tmp_path):
