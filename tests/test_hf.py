@@ -5,6 +5,7 @@ head; bad input is named."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -19,7 +20,13 @@ import torch.multiprocessing as mp
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from cpmtp_dist.hf import ConversionError, export_hf, import_hf  # noqa: E402
+from cpmtp_dist.hf import (  # noqa: E402
+    ConversionError,
+    export_hf,
+    hf_config_from_trunk,
+    import_hf,
+    trunk_config_from_hf,
+)
 from cpmtp_dist.training.checkpoint import read_model_state  # noqa: E402
 from launchers.cli import main as cli  # noqa: E402
 
@@ -261,6 +268,59 @@ def test_head_only_finetuning_of_a_converted_model(made, monkeypatch):
     trunk = [k for k in src if k.startswith("trunk.")]
     assert trunk and all(torch.equal(got[k], src[k]) for k in trunk)
     assert got["head.phi_w1"].shape[:2] == (2, 2)
+
+
+LLAMA_32_1B = {  # Llama-3.2-1B's published config.json (transformers 4 names)
+    "architectures": ["LlamaForCausalLM"],
+    "attention_bias": False,
+    "head_dim": 64,
+    "hidden_act": "silu",
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "max_position_embeddings": 131072,
+    "mlp_bias": False,
+    "model_type": "llama",
+    "num_attention_heads": 32,
+    "num_hidden_layers": 16,
+    "num_key_value_heads": 8,
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": {
+        "factor": 32.0,
+        "high_freq_factor": 4.0,
+        "low_freq_factor": 1.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    },
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16",
+    "vocab_size": 128256,
+}
+
+
+def test_llama_3_2_1b_config_is_the_shipped_config_trunk():
+    """Its config.json (either transformers' naming) maps to configs/llama_1b.yaml's trunk, and back."""
+    from cpmtp_dist.config_io import load_config
+
+    shipped = load_config(ROOT / "configs" / "llama_1b.yaml").model.trunk
+    got = trunk_config_from_hf(LLAMA_32_1B)
+    assert got.seq_length == 131072
+    assert dataclasses.replace(got, seq_length=shipped.seq_length, attention=shipped.attention) == shipped
+    out = hf_config_from_trunk(got, torch.bfloat16)
+    assert trunk_config_from_hf(out) == got
+    assert {k: out[k] for k in LLAMA_32_1B if k != "rope_scaling"} == {
+        k: v for k, v in LLAMA_32_1B.items() if k != "rope_scaling"
+    }
+    assert out["rope_parameters"] == {**LLAMA_32_1B["rope_scaling"], "rope_theta": 500000.0}
+    assert transformers.LlamaConfig(**out).rope_parameters["factor"] == 32.0  # transformers reads it
+
+
+def test_a_converted_checkpoint_is_not_resumed(made, tmp_path):
+    from cpmtp_dist.training.checkpoint import ResumeError
+    from cpmtp_dist.training.trainer import restore_checkpoint
+
+    with pytest.raises(ResumeError, match="finetune.init_from="):
+        restore_checkpoint(made["tied"][1] / "step_0000000", None, None, None, None)
 
 
 # --- bad input ------------------------------------------------------------------------------------------------
