@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -397,13 +398,19 @@ def choose_head(
     return cp, tensors
 
 
-def _tokenizer(model_dir: Path, tokenizer_dir: Path | None, vocab_size: int) -> Path | None:
-    """The cpmtp tokenizer folder to ship (`--tokenizer`, else the folder's `cpmtp_tokenizer/`), checked
-    against the model's vocabulary."""
+def _tokenizer(model_dir: Path, tokenizer_dir: Path | None, vocab_size: int, scratch: Path) -> Path | None:
+    """The cpmtp tokenizer folder to ship: `--tokenizer`, else the folder's `cpmtp_tokenizer/`, else its
+    Hugging Face `tokenizer.json` made into one under `scratch`; checked against the model's vocabulary."""
+    from cpmtp_dist.data.hf_tokenizer import write_hf_tokenizer
     from cpmtp_dist.data.tokenizer import load_tokenizer
 
     if tokenizer_dir is None and (model_dir / TOKENIZER_DIR).is_dir():
         tokenizer_dir = model_dir / TOKENIZER_DIR
+    if tokenizer_dir is None and (model_dir / "tokenizer.json").is_file():
+        try:
+            tokenizer_dir = write_hf_tokenizer(model_dir, scratch / "tokenizer")
+        except ValueError as err:
+            raise ConversionError(f"{err}; or pass --tokenizer DIR") from err
     if tokenizer_dir is None:
         return None
     tok = load_tokenizer(tokenizer_dir)
@@ -443,16 +450,17 @@ def import_hf(
         raise ConversionError(f"{model_dir} has no config.json: pass a save_pretrained folder as --model")
     trunk = trunk_config_from_hf(json.loads(config_file.read_text()), str(config_file))
     cp, head_state = choose_head(model_dir, cp_overrides, fresh_head)
-    tokenizer_dir = _tokenizer(model_dir, tokenizer_dir, trunk.vocab_size)
-    hf = read_hf_tensors(model_dir, expected_hf_shapes(trunk))
-    cfg = Config()
-    cfg.model.trunk, cfg.model.cp = trunk, cp
-    cfg.train.seed = seed
-    cfg.data.tokenizer_vocab_size = trunk.vocab_size
-    model, groups = _build_model(cfg, hf_to_trunk_state(hf, trunk), head_state)
-    return _save(
-        model, groups, out, yaml.safe_dump(config_to_dict(cfg), sort_keys=False), tokenizer_dir, model_dir
-    )
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer_dir = _tokenizer(model_dir, tokenizer_dir, trunk.vocab_size, Path(scratch))
+        hf = read_hf_tensors(model_dir, expected_hf_shapes(trunk))
+        cfg = Config()
+        cfg.model.trunk, cfg.model.cp = trunk, cp
+        cfg.train.seed = seed
+        cfg.data.tokenizer_vocab_size = trunk.vocab_size
+        model, groups = _build_model(cfg, hf_to_trunk_state(hf, trunk), head_state)
+        return _save(
+            model, groups, out, yaml.safe_dump(config_to_dict(cfg), sort_keys=False), tokenizer_dir, model_dir
+        )
 
 
 @torch.no_grad()
@@ -537,7 +545,29 @@ def export_hf(checkpoint: Path, out: Path, max_shard_bytes: int = 0) -> list[str
             shutil.rmtree(out / TOKENIZER_DIR)
         shutil.copytree(tok_dir, out / TOKENIZER_DIR)
         files.append(TOKENIZER_DIR + "/")
+        files += _hf_tokenizer_files(tok_dir, out)
     return files
+
+
+def _hf_tokenizer_files(tok_dir: Path, out: Path) -> list[str]:
+    """A Hugging Face tokenizer (kind `hf`) also goes back where transformers looks for it: `tokenizer.json`
+    and a `tokenizer_config.json` naming its EOS and pad tokens."""
+    from cpmtp_dist.data.hf_tokenizer import HF_FILE
+
+    card = json.loads((tok_dir / "tokenizer.json").read_text())
+    if card.get("kind") != "hf":
+        return []
+    shutil.copyfile(tok_dir / HF_FILE, out / "tokenizer.json")
+    vocab = json.loads((tok_dir / HF_FILE).read_text())
+    added = {t["id"]: t["content"] for t in vocab.get("added_tokens", [])}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    config |= {
+        name: added[card[key]]
+        for name, key in (("eos_token", "eos_id"), ("pad_token", "pad_id"))
+        if card[key] in added
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return ["tokenizer.json", "tokenizer_config.json"]
 
 
 def head_card(cfg: Any, head: dict[str, Tensor], source: Path) -> dict[str, Any]:

@@ -361,8 +361,8 @@ def _convert_from_hf(args: argparse.Namespace) -> int:
         return 2
     print(f"done: {folder}")
     if not (folder / "tokenizer").is_dir():
-        own = [f for f in ("tokenizer.json", "tokenizer.model") if (Path(args.model) / f).is_file()]
-        why = f"{args.model}'s own {' and '.join(own)} is not a cpmtp tokenizer; " if own else ""
+        own = (Path(args.model) / "tokenizer.model").is_file()
+        why = f"{args.model}'s tokenizer.model (SentencePiece) is not converted; " if own else ""
         print(
             f"note: the checkpoint holds no tokenizer ({why}`cpmtp generate` and `eval` need one): convert again "
             "with --tokenizer DIR, a `cpmtp data tokenizer` folder whose ids are the model's. "
@@ -395,7 +395,7 @@ def _convert_parser(sub: argparse._SubParsersAction) -> None:
     f.add_argument(
         "--tokenizer",
         help="a cpmtp tokenizer folder (`cpmtp data tokenizer`) whose ids are the model's (default: the folder's "
-        "cpmtp_tokenizer/; the folder's own Hugging Face tokenizer is not converted)",
+        "cpmtp_tokenizer/, else its Hugging Face tokenizer.json)",
     )
     f.add_argument("--horizon", type=int, help="n of the fresh CP head (default 4)")
     f.add_argument("--rank", type=int, help="r of the fresh CP head (default 4)")
