@@ -1,21 +1,18 @@
 """Hugging Face interop (`cpmtp convert from-hf|to-hf`): small random `LlamaForCausalLM`s built here (GQA,
 SwiGLU, tied and untied, llama3 RoPE scaling) convert to checkpoints whose trunk computes what transformers
-computes, in one process and at tp = 2; folders round-trip bit for bit; a converted model fine-tunes its
+computes, in one process and at tp = 2 (the tp = 2 case runs in tests/test_sequence_parallel.py's launch); folders round-trip bit for bit; a converted model fine-tunes its
 head; bad input is named."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
-import socket
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -91,12 +88,6 @@ def ours(ckpt: Path, tokens: torch.Tensor):
         h = model.hidden(tokens)
         logits = h @ model.unembedding().t()
     return loaded, h, logits
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -186,46 +177,39 @@ def test_folders_round_trip_bit_for_bit(made, variant):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def tp2_worker(rank: int, port: int, ckpt: str, ref: str, report: str) -> None:
+def prepare_tp2_case(tmp: Path) -> tuple[str, str]:
+    """For the tp = 2 worker of tests/test_sequence_parallel.py (one launch serves both): the untied llama3
+    model converted, and transformers' outputs; returns (checkpoint, reference file)."""
+    folder, ckpt = tmp / "hf-tp2", tmp / "hf-tp2-ckpt"
+    build_hf(folder, seed=5, **VARIANTS["untied-llama3"])
+    import_hf(folder, ckpt, {"horizon": 2, "rank": 2})
+    tokens = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(4))
+    ref_h, ref_logits, _ = hf_reference(folder, tokens)
+    torch.save((tokens, ref_h, ref_logits), tmp / "hf-tp2-ref.pt")
+    return str(ckpt / "step_0000000"), str(tmp / "hf-tp2-ref.pt")
+
+
+def check_tp2(groups, ckpt: str, ref: str) -> dict[str, float]:
+    """In a tp = 2 rank: the converted checkpoint, loaded by the sharded load training uses, gives
+    transformers' hidden states and (gathered) logits; returns the max abs differences."""
     from cpmtp_dist.config_io import load_config
     from cpmtp_dist.model.cp_model import CPModel
     from cpmtp_dist.parallel.layout import build_vocab_shard
-    from cpmtp_dist.parallel.state import destroy_parallel, initialize_parallel
     from cpmtp_dist.training.finetune import load_initial_weights
 
-    os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
-    groups = initialize_parallel(tp=2, seed=0)
     cfg = load_config(Path(ckpt) / "config.yaml")
     model = CPModel(cfg.model, vocab=build_vocab_shard(groups, V), seed=0).eval()
-    load_initial_weights(model, Path(ckpt), groups, seed=0)  # the sharded load training uses
+    load_initial_weights(model, Path(ckpt), groups, seed=0)
     tokens, ref_h, ref_logits = torch.load(ref)
     with torch.no_grad():
         h = model.hidden(tokens)
         local = h @ model.unembedding().t()  # (B, T, V / 2)
-    parts = [torch.empty_like(local) for _ in range(2)]
+    parts = [torch.empty_like(local) for _ in range(groups.tp_size)]
     torch.distributed.all_gather(parts, local, group=groups.tp_group)
     logits = torch.cat(parts, dim=-1)
-    diff_h, diff_l = (h - ref_h).abs().max().item(), (logits - ref_logits).abs().max().item()
-    if rank == 0:
-        Path(report).write_text(json.dumps({"hidden": diff_h, "logits": diff_l}))
-    assert diff_h <= MAX_ABS and diff_l <= MAX_ABS, (rank, diff_h, diff_l)
-    destroy_parallel()
-
-
-def test_the_converted_trunk_at_tp2_computes_what_transformers_does(made):
-    _, ckpt, (ref_h, ref_logits, _) = made["untied-llama3"]
-    tmp = made["tmp"]
-    torch.save((made["tokens"], ref_h, ref_logits), tmp / "ref.pt")
-    report = tmp / "tp2.json"
-    mp.spawn(
-        tp2_worker,
-        args=(free_port(), str(ckpt / "step_0000000"), str(tmp / "ref.pt"), str(report)),
-        nprocs=2,
-        join=True,
-    )
-    print(f"tp2: max abs differences {report.read_text()}")
+    diff = {"hidden": (h - ref_h).abs().max().item(), "logits": (logits - ref_logits).abs().max().item()}
+    assert diff["hidden"] <= MAX_ABS and diff["logits"] <= MAX_ABS, (groups.rank, diff)
+    return diff
 
 
 def test_head_only_finetuning_of_a_converted_model(made, monkeypatch):
@@ -268,6 +252,63 @@ def test_head_only_finetuning_of_a_converted_model(made, monkeypatch):
     trunk = [k for k in src if k.startswith("trunk.")]
     assert trunk and all(torch.equal(got[k], src[k]) for k in trunk)
     assert got["head.phi_w1"].shape[:2] == (2, 2)
+
+
+def test_the_model_folders_own_tokenizer_comes_along(made, tmp_path, capsys):
+    """A folder's Hugging Face tokenizer.json becomes the checkpoint's tokenizer: generate and `cpmtp data
+    shards` use it, and to-hf gives transformers the same tokenizer back."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from cpmtp_dist.data.tokenizer import load_tokenizer
+
+    text = (ROOT / "cpmtp_dist" / "hf.py").read_text()
+    hf_tok = Tokenizer(models.BPE())
+    hf_tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf_tok.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|end|>"], initial_alphabet=alphabet)
+    hf_tok.train_from_iterator(text.splitlines(), trainer)
+    folder = tmp_path / "with-tokenizer"
+    shutil.copytree(made["tied"][0], folder)
+    hf_tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|end|>"}))
+    ckpt = tmp_path / "ckpt"
+    assert (
+        cli(
+            [
+                "convert",
+                "from-hf",
+                "--model",
+                str(folder),
+                "--out",
+                str(ckpt),
+                "--horizon",
+                "1",
+                "--rank",
+                "1",
+            ]
+        )
+        == 0
+    )
+    tok = load_tokenizer(ckpt / "step_0000000" / "tokenizer")
+    sample = "def export_hf(checkpoint):\n    return None  # ünïcode\n"
+    ids = tok.encode(sample)
+    assert ids == hf_tok.encode(sample).ids and tok.decode(ids) == sample
+    assert (tok.vocab_size, tok.eos_id, tok.pad_id) == (300, 0, 0)
+    assert cli(["generate", "--checkpoint", str(ckpt), "--prompt", "def f", "--max-new-tokens", "4"]) == 0
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text(text)
+    argv = ["data", "shards", "--input", str(corpus), "--tokenizer", str(ckpt / "step_0000000" / "tokenizer")]
+    assert cli([*argv, "--seq-len", "16", "--out", str(tmp_path / "shards"), "--workers", "1"]) == 0
+    manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    assert manifest["tokenizer"]["vocab_size"] == 300, manifest["tokenizer"]
+    exported = tmp_path / "exported"
+    assert cli(["convert", "to-hf", "--checkpoint", str(ckpt), "--out", str(exported)]) == 0
+    assert (exported / "tokenizer.json").read_bytes() == (folder / "tokenizer.json").read_bytes()
+    auto = transformers.AutoTokenizer.from_pretrained(exported)
+    assert auto.encode(sample, add_special_tokens=False) == ids and auto.eos_token == "<|end|>"
+    capsys.readouterr()
 
 
 LLAMA_32_1B = {  # Llama-3.2-1B's published config.json (transformers 4 names)
