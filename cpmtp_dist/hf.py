@@ -450,6 +450,9 @@ def import_hf(
         raise ConversionError(f"{model_dir} has no config.json: pass a save_pretrained folder as --model")
     trunk = trunk_config_from_hf(json.loads(config_file.read_text()), str(config_file))
     cp, head_state = choose_head(model_dir, cp_overrides, fresh_head)
+    from cpmtp_dist.training.checkpoint import start_checkpoint_writer
+
+    start_checkpoint_writer()  # forked now, while small: a spawned one would re-import an unguarded caller
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer_dir = _tokenizer(model_dir, tokenizer_dir, trunk.vocab_size, Path(scratch))
         hf = read_hf_tensors(model_dir, expected_hf_shapes(trunk))

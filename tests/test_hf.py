@@ -177,6 +177,23 @@ def test_folders_round_trip_bit_for_bit(made, variant):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_bf16_weights_stay_bf16_bit_for_bit(made, tmp_path):
+    """Published Llama weights are bf16: the checkpoint keeps them so, and to-hf gives them back unchanged."""
+    folder = tmp_path / "bf16"
+    transformers.AutoModelForCausalLM.from_pretrained(made["tied"][0]).to(torch.bfloat16).save_pretrained(
+        folder
+    )
+    import_hf(folder, tmp_path / "ckpt", {"horizon": 2, "rank": 2})
+    state = read_model_state(tmp_path / "ckpt" / "step_0000000")
+    assert {t.dtype for t in state.values()} == {torch.bfloat16}
+    export_hf(tmp_path / "ckpt", tmp_path / "out")
+    original, got = _tensors(folder), _tensors(tmp_path / "out")
+    assert set(got) == set(original) - {"lm_head.weight"} and all(
+        torch.equal(got[k], original[k]) for k in got
+    )
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
 def prepare_tp2_case(tmp: Path) -> tuple[str, str]:
     """For the tp = 2 worker of tests/test_sequence_parallel.py (one launch serves both): the untied llama3
     model converted, and transformers' outputs; returns (checkpoint, reference file)."""
