@@ -441,7 +441,8 @@ def import_hf(
     import yaml
 
     from cpmtp_dist.config import Config
-    from cpmtp_dist.config_io import config_to_dict
+    from cpmtp_dist.config_io import ConfigError, config_to_dict, validate_config
+    from cpmtp_dist.training.checkpoint import start_checkpoint_writer
 
     if out.exists() and any(out.iterdir()):
         raise ConversionError(f"--out {out} exists and is not empty: choose a new folder")
@@ -450,16 +451,18 @@ def import_hf(
         raise ConversionError(f"{model_dir} has no config.json: pass a save_pretrained folder as --model")
     trunk = trunk_config_from_hf(json.loads(config_file.read_text()), str(config_file))
     cp, head_state = choose_head(model_dir, cp_overrides, fresh_head)
-    from cpmtp_dist.training.checkpoint import start_checkpoint_writer
-
+    cfg = Config()
+    cfg.model.trunk, cfg.model.cp = trunk, cp
+    cfg.train.seed = seed
+    cfg.data.tokenizer_vocab_size = trunk.vocab_size
+    try:
+        validate_config(cfg, world_size=1, cuda_available=False)
+    except ConfigError as err:
+        raise ConversionError(f"{config_file} and the head options make an invalid model: {err}") from err
     start_checkpoint_writer()  # forked now, while small: a spawned one would re-import an unguarded caller
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer_dir = _tokenizer(model_dir, tokenizer_dir, trunk.vocab_size, Path(scratch))
         hf = read_hf_tensors(model_dir, expected_hf_shapes(trunk))
-        cfg = Config()
-        cfg.model.trunk, cfg.model.cp = trunk, cp
-        cfg.train.seed = seed
-        cfg.data.tokenizer_vocab_size = trunk.vocab_size
         model, groups = _build_model(cfg, hf_to_trunk_state(hf, trunk), head_state)
         return _save(
             model, groups, out, yaml.safe_dump(config_to_dict(cfg), sort_keys=False), tokenizer_dir, model_dir

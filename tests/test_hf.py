@@ -420,6 +420,9 @@ def test_bad_input_is_named(made, tmp_path, capsys):
     msg = _refusal(_variant_copy(made, tmp_path, yarn, "yarn"), tmp_path)
     assert "rope_type 'yarn'" in msg and "attention_bias=true" in msg
 
+    msg = _refusal(_variant_copy(made, tmp_path, lambda c: c.update(num_key_value_heads=3), "kv3"), tmp_path)
+    assert "config.json and the head options make an invalid model" in msg and "num_query_groups=3" in msg
+
     bare = tmp_path / "bare"
     bare.mkdir()
     shutil.copy(made["tied"][0] / "config.json", bare)
