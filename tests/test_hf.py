@@ -315,11 +315,18 @@ def test_the_model_folders_own_tokenizer_comes_along(made, tmp_path, capsys):
     assert cli(["generate", "--checkpoint", str(ckpt), "--prompt", "def f", "--max-new-tokens", "4"]) == 0
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    (corpus / "a.txt").write_text(text)
-    argv = ["data", "shards", "--input", str(corpus), "--tokenizer", str(ckpt / "step_0000000" / "tokenizer")]
-    assert cli([*argv, "--seq-len", "16", "--out", str(tmp_path / "shards"), "--workers", "1"]) == 0
-    manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    for i, part in enumerate(text.split("\ndef ")):
+        (corpus / f"{i}.txt").write_text(part)
+    tok_dir, shards = ckpt / "step_0000000" / "tokenizer", tmp_path / "shards"
+    argv = ["data", "shards", "--input", str(corpus), "--tokenizer", str(tok_dir), "--seq-len", "64"]
+    assert cli([*argv, "--out", str(shards), "--workers", "1", "--heldout-fraction", "0.3"]) == 0
+    manifest = json.loads((shards / "manifest.json").read_text())
     assert manifest["tokenizer"]["vocab_size"] == 300, manifest["tokenizer"]
+    argv = ["eval", "--checkpoint", str(ckpt), "--data", str(shards), "--out", str(tmp_path / "e.json")]
+    assert (
+        cli([*argv, "--batches", "1", "--prompts", "1", "--new-tokens", "4", "--tracking-uri", "none"]) == 0
+    )
+    assert json.loads((tmp_path / "e.json").read_text())["heldout"]["ntp_loss"] > 0
     exported = tmp_path / "exported"
     assert cli(["convert", "to-hf", "--checkpoint", str(ckpt), "--out", str(exported)]) == 0
     assert (exported / "tokenizer.json").read_bytes() == (folder / "tokenizer.json").read_bytes()
