@@ -338,7 +338,7 @@ def _data_shards(args: argparse.Namespace) -> int:
 
 
 def _convert_from_hf(args: argparse.Namespace) -> int:
-    from cpmtp_dist.hf import ConversionError, import_hf
+    from cpmtp_dist.interop.hf import ConversionError, import_hf
 
     cp = {
         "horizon": args.horizon,
@@ -373,7 +373,7 @@ def _convert_from_hf(args: argparse.Namespace) -> int:
 
 
 def _convert_to_hf(args: argparse.Namespace) -> int:
-    from cpmtp_dist.hf import ConversionError, export_hf
+    from cpmtp_dist.interop.hf import ConversionError, export_hf
 
     try:
         files = export_hf(Path(args.checkpoint), Path(args.out), int(args.max_shard_gb * 2**30))

@@ -17,13 +17,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from cpmtp_dist.hf import (  # noqa: E402
-    ConversionError,
-    export_hf,
-    hf_config_from_trunk,
-    import_hf,
-    trunk_config_from_hf,
-)
+from cpmtp_dist.interop.hf import ConversionError, export_hf, import_hf  # noqa: E402
+from cpmtp_dist.interop.llama import hf_config_from_trunk, trunk_config_from_hf  # noqa: E402
 from cpmtp_dist.training.checkpoint import read_model_state  # noqa: E402
 from launchers.cli import main as cli  # noqa: E402
 
@@ -278,7 +273,7 @@ def test_the_model_folders_own_tokenizer_comes_along(made, tmp_path, capsys):
 
     from cpmtp_dist.data.tokenizer import load_tokenizer
 
-    text = (ROOT / "cpmtp_dist" / "hf.py").read_text()
+    text = (ROOT / "cpmtp_dist" / "interop" / "hf.py").read_text()
     hf_tok = Tokenizer(models.BPE())
     hf_tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf_tok.decoder = decoders.ByteLevel()
