@@ -51,6 +51,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cpmtp_dist.data.corpus import HELDOUT_RULE, is_heldout
+from cpmtp_dist.data.hf_tokenizer import HF_FILE
 from cpmtp_dist.data.shards import FORMAT, MANIFEST, file_sha256
 from cpmtp_dist.data.tokenizer import CARD_FILE, MODEL_FILE, Tokenizer, load_tokenizer
 from data_pipelines.sources import ResolvedInput, read_documents, resolve_inputs
@@ -289,7 +290,7 @@ def _remove_unlisted(split_dir: Path, keep: set[str]) -> None:
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:
     dst.mkdir(parents=True, exist_ok=True)
-    for name in (MODEL_FILE, CARD_FILE):
+    for name in (MODEL_FILE, HF_FILE, CARD_FILE):  # the card last
         if (src / name).is_file():
             tmp = dst / f".{name}.tmp"
             shutil.copyfile(src / name, tmp)

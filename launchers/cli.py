@@ -9,6 +9,8 @@ cpmtp bench decode --checkpoint DIR --out FILE.json [--prompts K | --prompt-file
 cpmtp plan --config FILE --nodes N --gpus-per-node G [--gpu-memory-gib M] [--top K] [key=value ...]
 cpmtp submit --nodes N [--gpus-per-node G | --tasks-per-node K] --time T [--partition P] --config FILE
              [--run-dir DIR] [key=value ...] [-- more `cpmtp train` arguments]
+cpmtp convert from-hf --model HF_DIR --out DIR [--tokenizer DIR] [--horizon n --rank r ...] [--fresh-head]
+cpmtp convert to-hf --checkpoint DIR --out HF_DIR [--max-shard-gb G]
 cpmtp data tokenizer --input PATH... --vocab-size N --out DIR [--model-type bpe|unigram]
 cpmtp data shards --input PATH... --tokenizer DIR --seq-len L --out DIR [--shard-size-mb M] [--workers W]
 """
@@ -342,6 +344,90 @@ def _data_shards(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert_from_hf(args: argparse.Namespace) -> int:
+    from cpmtp_dist.interop.hf import ConversionError, import_hf
+
+    cp = {
+        "horizon": args.horizon,
+        "rank": args.rank,
+        "parameterisation": args.parameterisation,
+        "phi": args.phi,
+        "phi_hidden_size": args.phi_hidden_size,
+    }
+    try:
+        folder = import_hf(
+            Path(args.model),
+            Path(args.out),
+            cp,
+            fresh_head=args.fresh_head,
+            tokenizer_dir=Path(args.tokenizer) if args.tokenizer else None,
+            seed=args.seed,
+        )
+    except (ConversionError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"done: {folder}")
+    if not (folder / "tokenizer").is_dir():
+        own = (Path(args.model) / "tokenizer.model").is_file()
+        why = f"{args.model}'s tokenizer.model (SentencePiece) is not converted; " if own else ""
+        print(
+            f"note: the checkpoint holds no tokenizer ({why}`cpmtp generate` and `eval` need one): convert again "
+            "with --tokenizer DIR, a `cpmtp data tokenizer` folder whose ids are the model's. "
+            "finetune.init_from does not need it.",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _convert_to_hf(args: argparse.Namespace) -> int:
+    from cpmtp_dist.interop.hf import ConversionError, export_hf
+
+    try:
+        files = export_hf(Path(args.checkpoint), Path(args.out), int(args.max_shard_gb * 2**30))
+    except (ConversionError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"done: {args.out}: {', '.join(files)}")
+    return 0
+
+
+def _convert_parser(sub: argparse._SubParsersAction) -> None:
+    c = sub.add_parser("convert", help="Hugging Face Llama folders to and from checkpoints (the hf extra)")
+    cs = c.add_subparsers(dest="convert_command", required=True)
+    f = cs.add_parser("from-hf", help="a LlamaForCausalLM folder (config.json + safetensors) to a checkpoint")
+    f.add_argument(
+        "--model", required=True, help="the folder (save_pretrained's: config.json, *.safetensors)"
+    )
+    f.add_argument("--out", required=True, help="new folder; the checkpoint is OUT/step_0000000 (OUT/latest)")
+    f.add_argument(
+        "--tokenizer",
+        help="a cpmtp tokenizer folder (`cpmtp data tokenizer`) whose ids are the model's (default: the folder's "
+        "cpmtp_tokenizer/, else its Hugging Face tokenizer.json)",
+    )
+    f.add_argument("--horizon", type=int, help="n of the fresh CP head (default 4)")
+    f.add_argument("--rank", type=int, help="r of the fresh CP head (default 4)")
+    f.add_argument("--parameterisation", choices=["shared", "separate"], help="default shared")
+    f.add_argument("--phi", choices=["residual", "linear"], help="default residual")
+    f.add_argument("--phi-hidden-size", type=int, help="default: hidden_size")
+    f.add_argument(
+        "--fresh-head", action="store_true", help="ignore a CP head in the folder (cp_head.*); draw a new one"
+    )
+    f.add_argument("--seed", type=int, default=1234, help="seed of the fresh head (train.seed)")
+    f.set_defaults(fn=_convert_from_hf)
+    t = cs.add_parser(
+        "to-hf", help="a checkpoint's trunk as a LlamaForCausalLM folder, its CP head beside it"
+    )
+    t.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run's checkpoints/ folder")
+    t.add_argument("--out", required=True, help="output folder")
+    t.add_argument(
+        "--max-shard-gb",
+        type=float,
+        default=5.0,
+        help="shard model.safetensors above this size (0: one file)",
+    )
+    t.set_defaults(fn=_convert_to_hf)
+
+
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--greedy", action="store_true", help="argmax decoding (the default without the options below)"
@@ -488,6 +574,8 @@ def build_parser() -> argparse.ArgumentParser:
     _tracking_args(bd)
     bd.set_defaults(fn=_bench_decode)
 
+    _convert_parser(sub)
+
     d = sub.add_parser("data", help="build tokenizers and training shards").add_subparsers(
         dest="data_command", required=True
     )
@@ -544,8 +632,8 @@ def main(argv: list[str] | None = None) -> int:
     quiet_known_warnings()
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    if getattr(args, "device", None) == "cpu":
-        # Before torch looks for GPUs: Megatron places rotary tables and caches wherever CUDA is visible.
+    if getattr(args, "device", None) == "cpu" or args.command == "convert":
+        # convert is CPU work. Before torch looks for GPUs: Megatron places rotary tables and caches wherever CUDA is visible.
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     return args.fn(args)
 

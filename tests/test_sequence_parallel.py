@@ -1,8 +1,10 @@
 """Sequence parallelism (tp = 2, gloo): the trunk really runs on sequence shards, and the model's loss and
-every gradient equal those of the same tp = 2 model without it (same seed, same tokens)."""
+every gradient equal those of the same tp = 2 model without it (same seed, same tokens). The same launch
+checks a model converted from Hugging Face at tp = 2 against transformers (`test_hf.check_tp2`)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 
@@ -20,7 +22,7 @@ from cpmtp_dist.parallel.state import destroy_parallel, initialize_parallel
 B, T = 2, 16
 
 
-def worker(rank: int, port: int, normalization: str) -> None:
+def worker(rank: int, port: int, normalization: str, hf_case: tuple[str, str] | None) -> None:
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
@@ -60,6 +62,12 @@ def worker(rank: int, port: int, normalization: str) -> None:
         torch.testing.assert_close(
             p.grad, ref[name].grad, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"rank {rank} {name}: {m}"
         )
+    if hf_case is not None:
+        from test_hf import check_tp2
+
+        diff = check_tp2(groups, *hf_case)
+        if rank == 0:
+            print(f"converted Llama at tp2: max abs differences to transformers {diff}", flush=True)
     destroy_parallel()
 
 
@@ -70,5 +78,10 @@ def free_port() -> int:
 
 
 @pytest.mark.parametrize("normalization", ["RMSNorm", "LayerNorm"])
-def test_sequence_parallel_equals_plain_tensor_parallel(normalization):
-    mp.spawn(worker, args=(free_port(), normalization), nprocs=2, join=True)
+def test_sequence_parallel_equals_plain_tensor_parallel(normalization, tmp_path):
+    hf_case = None
+    if normalization == "RMSNorm" and importlib.util.find_spec("transformers") is not None:
+        from test_hf import prepare_tp2_case
+
+        hf_case = prepare_tp2_case(tmp_path)
+    mp.spawn(worker, args=(free_port(), normalization, hf_case), nprocs=2, join=True)

@@ -173,6 +173,10 @@ def load_tokenizer(tokenizer_dir: Path | str) -> Tokenizer:
         return ByteTokenizer()
     if kind == "sentencepiece":
         return SentencePieceTokenizer.from_dir(tokenizer_dir)
+    if kind == "hf":  # a Hugging Face model's own tokenizer (`cpmtp convert from-hf`)
+        from cpmtp_dist.data.hf_tokenizer import HFTokenizer
+
+        return HFTokenizer.from_dir(tokenizer_dir)
     raise ValueError(f"{card_path}: unknown tokenizer kind {kind!r}")
 
 

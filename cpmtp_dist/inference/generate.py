@@ -73,4 +73,9 @@ def load_for_inference(
     if wrong:
         raise ValueError(f"{ckpt}: its weights do not fit the model of its config.yaml: {wrong[:5]}")
     model.eval()
+    if not (ckpt / "tokenizer").is_dir():
+        raise FileNotFoundError(
+            f"{ckpt} holds no tokenizer/ (converted by `cpmtp convert from-hf` without --tokenizer?): convert "
+            "again with --tokenizer DIR"
+        )
     return LoadedModel(model, load_tokenizer(ckpt / "tokenizer"), cfg, ckpt)

@@ -79,12 +79,12 @@ class MetricsLogger:
         *,
         enabled: bool,
         total_steps: int,
-        stream: TextIO = sys.stdout,
+        stream: TextIO | None = None,
         tracker: Tracker | None = None,
     ) -> None:
         self.enabled = enabled
         self.total_steps = total_steps
-        self.stream = stream
+        self.stream = stream if stream is not None else sys.stdout  # the current one, not import time's
         self.tracker = tracker if enabled else None
         self.start = time.time()
         self._file = open(run_dir / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115

@@ -381,6 +381,11 @@ def restore_checkpoint(
     numbers in training, only dropout would). The data position: see `docs/DATA.md` ("Resuming").
     """
     meta = json.loads((folder / "meta.json").read_text())
+    if "converted_from" in meta:  # `cpmtp convert from-hf`: weights only, no optimizer state or data position
+        raise ResumeError(
+            f"--resume {folder}: a checkpoint converted from {meta['converted_from']} holds weights only; "
+            f"start a run from it with finetune.init_from={folder}"
+        )
     try:  # first: the data position may refuse this layout, before anything heavy is read
         loader.load_state_dict(meta["loader"])
     except ValueError as err:
