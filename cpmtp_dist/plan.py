@@ -105,8 +105,8 @@ def optimizer_bytes(
     only an fp32 gradient partition under ZeRO-2. bf16: ZeRO-0 steps fp32 copies of every weight; ZeRO-1 with fp32
     accumulation is BF16_Optimizer (a full fp32 gradient accumulator besides the bf16 .grad); otherwise as
     fp32 with bf16 .grad. The buckets: `reduce_bucket_size` elements of the weights' dtype (DeepSpeed stages
-    fp32 only for ZeRO-1 with fp32 accumulation, which is BF16_Optimizer here), twice with overlap_comm, under
-    ZeRO 1/2 with contiguous gradients."""
+    fp32 only for ZeRO-1 with fp32 accumulation, which is BF16_Optimizer here), twice with overlap_comm (ZeRO-2
+    only), under ZeRO 1/2 with contiguous gradients."""
     opt, stage = cfg.optim, cfg.optim.zero_stage
     e = 2 if bf16 else 4
     if stage == 0:
@@ -119,7 +119,7 @@ def optimizer_bytes(
     grads = 4 * p / dp if stage == 2 else e * p  # ZeRO-2 frees each .grad once it is in the partition
     buckets = 0.0
     if opt.contiguous_gradients:
-        buckets = e * opt.reduce_bucket_size * (2 if opt.overlap_comm else 1)
+        buckets = e * opt.reduce_bucket_size * (2 if opt.overlap_comm and stage == 2 else 1)
     return grads, state, buckets
 
 

@@ -333,7 +333,7 @@ def test_bf16_allowed_with_and_without_cuda() -> None:
 
 
 def test_deepspeed_config_maps_the_optim_section() -> None:
-    """Defaults for GPUs (overlap_comm on, buckets of 2e8, fp32 accumulation and reduction where
+    """Defaults for GPUs (overlap_comm on at ZeRO-2, buckets of 2e8, fp32 accumulation and reduction where
     DeepSpeed has them); every key lands where DeepSpeed 0.19.8 reads it, and DeepSpeed's own config parser
     (which forbids unknown ZeRO keys) takes the dict."""
     from deepspeed.runtime.config import DeepSpeedConfig
@@ -347,13 +347,18 @@ def test_deepspeed_config_maps_the_optim_section() -> None:
     fp32 = ds([], bf16=False)
     assert fp32["zero_optimization"] == {
         "stage": 0,
-        "overlap_comm": True,
+        "overlap_comm": False,
         "contiguous_gradients": True,
         "reduce_scatter": True,
         "reduce_bucket_size": 200_000_000,
         "allgather_bucket_size": 200_000_000,
     }
     assert (fp32["train_batch_size"], fp32["gradient_clipping"], fp32["bf16"]["enabled"]) == (8, 1.0, False)
+    # DeepSpeed's ZeRO-1 with overlap_comm gets accumulated gradients wrong (OptimConfig.overlap_comm).
+    overlap = [
+        ds([f"optim.zero_stage={s}"], bf16=False)["zero_optimization"]["overlap_comm"] for s in (0, 1, 2)
+    ]
+    assert overlap == [False, False, True]
     # (ZeRO stage, pipelined) -> (accumulation, reduction) under `auto` in a bf16 run.
     for stage, pipelined, dtypes in ((0, False, "bf16 fp32"), (1, False, "fp32 fp32"), (2, False, "fp32 fp32"),
                                      (1, True, "bf16 fp32"), (2, True, "bf16 fp32")):  # fmt: skip

@@ -95,7 +95,8 @@ def deepspeed_config(
         "gradient_clipping": cfg.grad_clip,
         "zero_optimization": {
             "stage": cfg.zero_stage,
-            "overlap_comm": cfg.overlap_comm,
+            # ZeRO-2 only: see OptimConfig.overlap_comm.
+            "overlap_comm": cfg.overlap_comm and cfg.zero_stage == 2,
             "contiguous_gradients": cfg.contiguous_gradients,
             "reduce_scatter": cfg.reduce_scatter,
             "reduce_bucket_size": cfg.reduce_bucket_size,
