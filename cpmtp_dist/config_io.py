@@ -723,6 +723,12 @@ def _check_world(c: _Checker, world_size: Any) -> None:
             train.micro_batch_size if batches else None,
         )
         c.problems += layout.problems()
+        if not layout.problems() and c.positive("train.eval_batches") and train.eval_batches < layout.dp:
+            c.add(
+                f"train.eval_batches={train.eval_batches} is fewer than the data-parallel size dp = {layout.dp}: "
+                f"each rank evaluates whole micro-batches, so set train.eval_batches to at least {layout.dp} "
+                "(a multiple of dp uses them all)"
+            )
 
 
 def validate_config(

@@ -507,6 +507,11 @@ def test_deepspeed_settings_deepspeed_takes_pass(overrides: list[str]) -> None:
         ),
         ({"parallel.ep": 2}, None, "parallel.ep=2 needs optim.zero_stage >= 1"),
         (
+            {"train.eval_batches": 1, "train.micro_batch_size": 4},
+            2,
+            "train.eval_batches=1 is fewer than the data-parallel size dp = 2",
+        ),
+        (
             {"parallel.tp": 2, "model.cp.loss_impl": "naive"},
             None,
             "model.cp.loss_impl='naive' is a single-device reference",
