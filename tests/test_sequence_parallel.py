@@ -86,4 +86,6 @@ def test_sequence_parallel_equals_plain_tensor_parallel(normalization, tmp_path)
         hf_case = prepare_tp2_case(tmp_path)
     mp.spawn(worker, args=(free_port(), normalization, hf_case), nprocs=2, join=True)
     if normalization == "RMSNorm" and hf_case is None:  # reported, not passed over in silence
-        pytest.skip("sequence parallelism checked; the converted Llama's tp2 check needs the hf extra (.[hf])")
+        pytest.skip(
+            "sequence parallelism checked; the converted Llama's tp2 check needs the hf extra (.[hf])"
+        )
