@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cpmtp_dist.errors import UserError
+
 __all__ = ["FinetuneError", "latest_checkpoint", "resolve_init_checkpoint"]
 
 
-class FinetuneError(ValueError):
+class FinetuneError(UserError):
     """A source checkpoint that cannot start this run as configured: the message says what to change."""
 
 

@@ -27,12 +27,13 @@ import yaml
 from cpmtp_dist.checkpoint_paths import FinetuneError, resolve_init_checkpoint
 from cpmtp_dist.config import Config
 from cpmtp_dist.data.data_path import parse_data_path
+from cpmtp_dist.errors import UserError
 from cpmtp_dist.layout import Layout
 
 __all__ = ["ConfigError", "config_to_dict", "load_config", "save_config", "validate_config"]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """One or more configuration problems; the message lists each on its own line.
 
     ``problems`` holds the individual messages, each naming the dotted setting, its value and

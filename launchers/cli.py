@@ -20,93 +20,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 import warnings
 from pathlib import Path
 
-
-def _train(args: argparse.Namespace) -> int:
-    from cpmtp_dist.config_io import ConfigError, load_config, validate_config
-
-    try:
-        cfg = load_config(args.config, args.overrides)
-        if args.tracking_uri is not None:  # the flags win over the file and the overrides
-            if args.tracking_uri.lower() == "none":
-                cfg.tracking.enabled = False
-            else:
-                cfg.tracking.uri = args.tracking_uri
-        if args.experiment is not None:
-            cfg.tracking.experiment = args.experiment
-        if cfg.tracking.experiment is None:
-            cfg.tracking.experiment = Path(args.config).stem if args.config else "cpmtp"
-        launch = args.nproc_per_node > 1 and "WORLD_SIZE" not in os.environ
-        world = args.nproc_per_node if launch else int(os.environ.get("WORLD_SIZE", "1"))
-        validate_config(cfg, world_size=world)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    run_dir = Path(
-        args.run_dir or f"runs/{Path(args.config or 'default').stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    )
-    if launch:  # this process becomes the launcher of the ranks, which run this command again
-        from launchers.local import child_argv, run_local
-
-        return run_local(args.nproc_per_node, child_argv(args.argv, str(run_dir)))
-    from cpmtp_dist.checkpoint_paths import latest_checkpoint
-
-    is_rank0 = int(os.environ.get("RANK", "0")) == 0
-    resume = None
-    if args.resume == "auto":
-        resume = latest_checkpoint(run_dir / "checkpoints") if (run_dir / "checkpoints").exists() else None
-        if resume is None and is_rank0:
-            print(f"--resume auto: no complete checkpoint in {run_dir / 'checkpoints'}; starting from step 0")
-    elif args.resume is not None:
-        resume = latest_checkpoint(Path(args.resume))
-        if resume is None:
-            print(f"error: --resume {args.resume}: no complete checkpoint there", file=sys.stderr)
-            return 2
-    elif (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
-        print(
-            f"error: {run_dir} already holds checkpoints: pass --resume auto to continue that run, or another "
-            "--run-dir",
-            file=sys.stderr,
-        )
-        return 2
-
-    from cpmtp_dist.config_io import config_to_dict
-    from cpmtp_dist.training.tracking import maybe_build_tracker
-
-    # Started before the trainer's imports (torch, Megatron, DeepSpeed): MLflow's own imports run beside them.
-    tracker = maybe_build_tracker(cfg.tracking, run_dir, enabled=is_rank0, params=config_to_dict(cfg))
-
-    from cpmtp_dist.checkpoint_paths import FinetuneError
-    from cpmtp_dist.data.data_path import ShardError
-    from cpmtp_dist.training.checkpoint import ResumeError
-    from cpmtp_dist.training.trainer import train
-
-    try:
-        result = train(cfg, run_dir, resume=resume, tracker=tracker)
-    # Unusable data or checkpoint (to resume, or to fine-tune from): the message says what to do.
-    except (ShardError, ResumeError, FinetuneError) as err:
-        if tracker is not None:
-            tracker.discard()
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if result.preempted:
-        from cpmtp_dist.training.preemption import PREEMPTED_EXIT_CODE
-
-        if is_rank0:
-            print(f"stopped by a signal after step {result.final_step}; continue with --resume auto")
-        return PREEMPTED_EXIT_CODE
-    if is_rank0:
-        ev = result.eval_metrics
-        held_out = (
-            f"held-out joint loss {ev['eval_joint_loss']:.4f}, next-token loss {ev['eval_ntp_loss']:.4f}"
-            if ev
-            else "no held-out evaluation (too few held-out samples)"
-        )
-        print(f"done: {result.final_step} steps; {held_out}; checkpoint {result.checkpoint}")
-    return 0
+from cpmtp_dist.errors import UserError
+from launchers.train_cmd import add_train_arguments, parse_anywhere, run_train
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -132,7 +50,7 @@ def _sampling(args: argparse.Namespace):
     }
     given = {k: v for k, v in given.items() if v is not None}
     if args.greedy and given:
-        raise SystemExit(f"cpmtp: --greedy takes the argmax; drop it or {', '.join(given)}")
+        raise UserError(f"--greedy takes the argmax; drop it or {', '.join(given)}")
     if not given:
         return Sampling()
     try:
@@ -143,7 +61,7 @@ def _sampling(args: argparse.Namespace):
             top_p=1.0 if args.top_p is None else args.top_p,
         )
     except ValueError as e:
-        raise SystemExit(f"cpmtp: {e}") from None
+        raise UserError(str(e)) from None
 
 
 def _load(args: argparse.Namespace):
@@ -152,7 +70,7 @@ def _load(args: argparse.Namespace):
     try:
         return load_for_inference(Path(args.checkpoint), resolve_device(args.device))
     except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"cpmtp: {e}") from None
+        raise UserError(f"--checkpoint {args.checkpoint}: {e}") from None
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -191,7 +109,7 @@ def _heldout(args: argparse.Namespace, loaded, num_batches: int):
             loaded.checkpoint / "config.yaml", loaded.tokenizer.fingerprint, args.data, num_batches
         )
     except (ShardError, ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"cpmtp: {f'--data {args.data}: ' if args.data else ''}{e}") from None
+        raise UserError(f"{f'--data {args.data}: ' if args.data else ''}{e}") from None
 
 
 def _write_json(path: str, obj: dict) -> Path:
@@ -454,32 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a CP multi-token model")
-    t.add_argument("--config", help="YAML config (defaults < file < overrides)")
-    t.add_argument("--run-dir", help="run directory (default: runs/<config>-<time>)")
-    t.add_argument(
-        "--resume",
-        metavar="auto|CHECKPOINT",
-        help="continue a run: 'auto' from the newest complete checkpoint of --run-dir (none: start at step 0), "
-        "or from a checkpoint folder",
-    )
-    t.add_argument(
-        "--nproc-per-node",
-        type=int,
-        default=1,
-        metavar="N",
-        help="run N ranks on this machine (torchrun with a standalone rendezvous); under a launcher: ignored",
-    )
-    t.add_argument(
-        "--tracking-uri",
-        metavar="URI|none",
-        help="MLflow tracking URI, e.g. http://127.0.0.1:5000 (sets tracking.uri; default: a sqlite file in the "
-        "run directory); 'none' turns tracking off",
-    )
-    t.add_argument(
-        "--experiment", help="MLflow experiment (sets tracking.experiment; default: the config file's stem)"
-    )
-    t.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. model.cp.rank=8")
-    t.set_defaults(fn=_train)
+    add_train_arguments(t)
+    t.set_defaults(fn=run_train)
 
     pl = sub.add_parser(
         "plan",
@@ -630,12 +524,15 @@ def quiet_known_warnings() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     quiet_known_warnings()
-    args = build_parser().parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_anywhere(build_parser(), list(sys.argv[1:] if argv is None else argv))
     if getattr(args, "device", None) == "cpu" or args.command == "convert":
         # convert is CPU work. Before torch looks for GPUs: Megatron places rotary tables and caches wherever CUDA is visible.
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except UserError as err:  # every command reports what the user can fix alike: no traceback, status 2
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

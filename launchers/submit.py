@@ -47,9 +47,9 @@ class TrainJob(submitit.helpers.Checkpointable):
         # As torchrun does: one thread per rank unless told otherwise (the task's CPUs when Slurm says).
         os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("SLURM_CPUS_PER_TASK", "1"))
 
-        from launchers.cli import main
+        from launchers.train_cmd import train_main
 
-        status = main(["train", *self.train_args])
+        status = train_main(self.train_args)
         if status == PREEMPTED:
             # The trainer has saved and given the warning signal's handler back to submitit: hand it the
             # signal now. On rank 0 it pickles checkpoint() below, requeues the job and exits.
@@ -165,10 +165,10 @@ def plan(args: argparse.Namespace) -> tuple[dict[str, object], list[str], Path]:
     ):  # `cpmtp train`'s own checks of its arguments and config,
         # for the world size of this job
         from cpmtp_dist.config_io import ConfigError, load_config, validate_config
-        from launchers.cli import build_parser
+        from launchers.train_cmd import parse_anywhere, train_parser
 
         try:
-            train = build_parser().parse_args(["train", *train_args])
+            train = parse_anywhere(train_parser(), train_args)
             cfg = load_config(train.config, train.overrides)
             validate_config(cfg, world_size=world_size, cuda_available=args.gpus_per_node > 0 or None)
             print_estimate(cfg, world_size, gpus=args.gpus_per_node > 0, gpu_memory_gib=args.gpu_memory_gib)

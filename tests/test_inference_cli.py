@@ -54,10 +54,11 @@ def test_generate_greedy_is_the_same_text_both_ways_and_sampling_runs(trained, c
     sampled = run("20", "--temperature", "0.8", "--top-p", "0.9", "--seed", "3")
     again = run("20", "--temperature", "0.8", "--top-p", "0.9", "--seed", "3")
     assert sampled[0] == 0 and sampled[1] == again[1]  # seeded
+    # A user's mistake: `error: ...` and status 2, as every command reports one.
     rc, _, err = run("8", "--greedy", "--temperature", "0.5")
-    assert rc != 0 and "--greedy takes the argmax" in str(rc) + err
+    assert rc == 2 and err.startswith("error: --greedy takes the argmax"), err
     rc, _, err = run("8", "--top-p", "1.5")
-    assert rc != 0 and "--top-p 1.5: must be in (0, 1]" in str(rc) + err
+    assert rc == 2 and err.startswith("error: ") and "--top-p 1.5: must be in (0, 1]" in err, err
 
 
 @pytest.mark.slow
@@ -92,7 +93,7 @@ def test_eval_writes_the_metrics_and_logs_them_to_mlflow(trained):
     )
     missing = cpmtp("eval", "--checkpoint", str(run / "checkpoints"), "--data", str(cache / "nowhere"),
                     "--out", str(out), cache=cache)  # fmt: skip
-    assert missing.returncode != 0 and "nowhere" in missing.stderr
+    assert missing.returncode == 2 and "nowhere" in missing.stderr and "error: --data" in missing.stderr
 
 
 @pytest.mark.slow

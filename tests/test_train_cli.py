@@ -47,14 +47,15 @@ def cpmtp(*args: str, cache: Path) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_training_lowers_the_loss_and_writes_the_run_dir(tmp_path):
     run = tmp_path / "run"
+    # Overrides before and after options (argparse alone would refuse the second run of them).
     res = cpmtp(
         "train",
+        "train.steps=60",
         "--config",
         "configs/tiny.yaml",
+        *SMALL,
         "--run-dir",
         str(run),
-        "train.steps=60",
-        *SMALL,
         cache=tmp_path,
     )
     assert res.returncode == 0, res.stderr[-3000:]
@@ -62,6 +63,7 @@ def test_training_lowers_the_loss_and_writes_the_run_dir(tmp_path):
 
     resolved = yaml.safe_load((run / "config.yaml").read_text())
     assert resolved["train"]["steps"] == 60 and resolved["model"]["cp"]["rank"] == 4
+    assert resolved["model"]["trunk"]["hidden_size"] == 64  # from SMALL, after --config
 
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "loss" in r]

@@ -6,10 +6,12 @@ with which weights, a `data.path` names.
 
 from __future__ import annotations
 
+from cpmtp_dist.errors import UserError
+
 __all__ = ["ShardError", "parse_data_path"]
 
 
-class ShardError(ValueError):
+class ShardError(UserError):
     """A prepared dataset that cannot be read as it is: the message names the file and what to do."""
 
 

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from cpmtp_dist.config import TrunkConfig
+from cpmtp_dist.errors import UserError
 
 ARCHITECTURES = ("LlamaForCausalLM",)
 LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
@@ -33,7 +34,7 @@ LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_po
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError):
     """Input that cannot be converted: the message names the file or setting and what to do."""
 
 

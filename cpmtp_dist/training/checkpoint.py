@@ -27,8 +27,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from cpmtp_dist.errors import UserError
 
-class ResumeError(ValueError):
+
+class ResumeError(UserError):
     """A checkpoint that cannot continue this run as configured: the message says what to change."""
 
 
