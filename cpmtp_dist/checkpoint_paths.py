@@ -10,7 +10,11 @@ from pathlib import Path
 
 from cpmtp_dist.errors import UserError
 
-__all__ = ["FinetuneError", "latest_checkpoint", "resolve_init_checkpoint"]
+__all__ = ["FinetuneError", "ResumeError", "latest_checkpoint", "resolve_init_checkpoint"]
+
+
+class ResumeError(UserError):
+    """A checkpoint that cannot continue this run as configured: the message says what to change."""
 
 
 class FinetuneError(UserError):

@@ -126,6 +126,14 @@ def run_train(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if resume is not None:
+        from cpmtp_dist.resume_check import check_resume_config
+
+        try:
+            check_resume_config(resume, cfg)  # before the trainer builds anything
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
 
     from cpmtp_dist.config_io import config_to_dict
     from cpmtp_dist.training.tracking import maybe_build_tracker

@@ -376,7 +376,7 @@ def test_llama_3_2_1b_config_is_the_shipped_config_trunk():
 
 
 def test_a_converted_checkpoint_is_not_resumed(made, tmp_path):
-    from cpmtp_dist.training.checkpoint import ResumeError
+    from cpmtp_dist.checkpoint_paths import ResumeError
     from cpmtp_dist.training.trainer import restore_checkpoint
 
     with pytest.raises(ResumeError, match="finetune.init_from="):

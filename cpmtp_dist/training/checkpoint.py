@@ -27,12 +27,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from cpmtp_dist.errors import UserError
-
-
-class ResumeError(UserError):
-    """A checkpoint that cannot continue this run as configured: the message says what to change."""
-
 
 def checkpoint_name(step: int) -> str:
     return f"step_{step:07d}"

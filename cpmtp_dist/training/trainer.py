@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from cpmtp_dist.checkpoint_paths import resolve_init_checkpoint
+from cpmtp_dist.checkpoint_paths import ResumeError, resolve_init_checkpoint
 from cpmtp_dist.config import Config
 from cpmtp_dist.config_io import config_to_dict
 from cpmtp_dist.data.loader import make_targets
@@ -51,9 +51,9 @@ from cpmtp_dist.parallel.sharded_state import (
     sharded_optimizer_state,
 )
 from cpmtp_dist.parallel.state import ParallelGroups, initialize_parallel
+from cpmtp_dist.resume_check import check_resume_config
 from cpmtp_dist.training.checkpoint import (
     AsyncSaves,
-    ResumeError,
     load_sharded_state,
     save_checkpoint,
     set_rng_state,
@@ -380,12 +380,8 @@ def restore_checkpoint(
     the world size is unchanged (otherwise each rank keeps its seeded state: the next steps draw no random
     numbers in training, only dropout would). The data position: see `docs/DATA.md` ("Resuming").
     """
+    check_resume_config(folder, cfg)  # before any weight is read
     meta = json.loads((folder / "meta.json").read_text())
-    if "converted_from" in meta:  # `cpmtp convert from-hf`: weights only, no optimizer state or data position
-        raise ResumeError(
-            f"--resume {folder}: a checkpoint converted from {meta['converted_from']} holds weights only; "
-            f"start a run from it with finetune.init_from={folder}"
-        )
     try:  # first: the data position may refuse this layout, before anything heavy is read
         loader.load_state_dict(meta["loader"])
     except ValueError as err:
