@@ -6,6 +6,7 @@ cpmtp generate --checkpoint DIR --prompt TEXT|--prompt-file F [--max-new-tokens 
                [--greedy | --temperature T --top-k K --top-p P] [--seed S]
 cpmtp eval --checkpoint DIR [--data DIR] --out FILE.json [--batches B] [--prompts K] [--new-tokens N]
 cpmtp bench decode --checkpoint DIR --out FILE.json [--prompts K | --prompt-file F...] [--max-new-tokens N]
+cpmtp status RUN_DIR
 cpmtp plan --config FILE --nodes N --gpus-per-node G [--gpu-memory-gib M] [--top K] [key=value ...]
 cpmtp submit --nodes N [--gpus-per-node G | --tasks-per-node K] --time T [--partition P] --config FILE
              [--run-dir DIR] [key=value ...] [-- more `cpmtp train` arguments]
@@ -25,6 +26,13 @@ from pathlib import Path
 
 from cpmtp_dist.errors import UserError
 from launchers.train_cmd import add_train_arguments, parse_anywhere, run_train
+
+
+def _status(args: argparse.Namespace) -> int:
+    from cpmtp_dist.run_status import run_status
+
+    print("\n".join(run_status(Path(args.run_dir))))
+    return 0
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -374,6 +382,12 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a CP multi-token model")
     add_train_arguments(t)
     t.set_defaults(fn=run_train)
+
+    st = sub.add_parser(
+        "status", help="a run's step, losses, speed, time to the end, newest checkpoint, health and liveness"
+    )
+    st.add_argument("run_dir", help="the run directory (--run-dir of cpmtp train)")
+    st.set_defaults(fn=_status)
 
     pl = sub.add_parser(
         "plan",

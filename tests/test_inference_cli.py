@@ -96,6 +96,17 @@ def test_eval_writes_the_metrics_and_logs_them_to_mlflow(trained):
     assert missing.returncode == 2 and "nowhere" in missing.stderr and "error: --data" in missing.stderr
 
 
+def test_status_of_the_finished_run(trained, capsys):
+    """`cpmtp status` on the run (tests/test_run_status.py has a running and a dead one)."""
+    run, _ = trained
+    assert cli(["status", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert f"{run}: step 40/40 (100 %)" in out and "alive: no: finished" in out, out
+    assert (
+        f"newest checkpoint: {run / 'checkpoints' / 'step_0000040'}" in out and "health events: none" in out
+    )
+
+
 @pytest.mark.slow
 def test_bench_decode_compares_both_modes_on_the_same_prompts(trained):
     """Through bench/decode.py --quick, which runs `cpmtp bench decode` greedy and sampled."""

@@ -59,7 +59,7 @@ def test_training_lowers_the_loss_and_writes_the_run_dir(tmp_path):
         cache=tmp_path,
     )
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "step     10/60" in res.stdout  # a progress line per logged step
+    assert "step     10/60" in res.stdout and ", eta " in res.stdout  # a progress line per logged step
 
     resolved = yaml.safe_load((run / "config.yaml").read_text())
     assert resolved["train"]["steps"] == 60 and resolved["model"]["cp"]["rank"] == 4

@@ -16,6 +16,7 @@ from typing import Any, TextIO
 
 import torch
 
+from cpmtp_dist.run_status import format_duration, write_heartbeat
 from cpmtp_dist.training.tracking import Tracker
 
 PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
@@ -79,6 +80,7 @@ class MetricsLogger:
         *,
         enabled: bool,
         total_steps: int,
+        start_step: int = 0,
         stream: TextIO | None = None,
         tracker: Tracker | None = None,
     ) -> None:
@@ -87,7 +89,14 @@ class MetricsLogger:
         self.stream = stream if stream is not None else sys.stdout  # the current one, not import time's
         self.tracker = tracker if enabled else None
         self.start = time.time()
+        self.run_dir = run_dir
+        # The estimated time to the end measures from here, then from the first logged step (past the warm-up).
+        self._pace: tuple[float, int] = (self.start, start_step)
+        self._paced = False
+        self._step = start_step
         self._file = open(run_dir / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115
+        if enabled:
+            write_heartbeat(run_dir, "running", start_step, total_steps, None)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -95,12 +104,25 @@ class MetricsLogger:
         row = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
-        self.stream.write(self._progress_line(row) + "\n")
+        eta = self._eta(step) if "loss" in row else None
+        self.stream.write(self._progress_line(row, eta) + "\n")
         self.stream.flush()
+        if "loss" in row:
+            self._step = step
+            write_heartbeat(self.run_dir, "running", step, self.total_steps, eta)
         if self.tracker is not None:
             self.tracker.log_metrics(step, row)
 
-    def _progress_line(self, row: dict[str, Any]) -> str:
+    def _eta(self, step: int) -> float | None:
+        """Seconds to the last step at the pace since the reference (time, step)."""
+        t0, s0 = self._pace
+        now = time.time()
+        eta = (now - t0) / (step - s0) * (self.total_steps - step) if step > s0 else None
+        if not self._paced:
+            self._pace, self._paced = (now, step), True
+        return eta
+
+    def _progress_line(self, row: dict[str, Any], eta: float | None = None) -> str:
         if "eval_joint_loss" in row:
             return (
                 f"eval  step {row['step']:>6} | joint {_f(row['eval_joint_loss'])} "
@@ -119,13 +141,16 @@ class MetricsLogger:
         ]
         if row.get("mfu") is not None:
             parts.append(f"mfu {100 * row['mfu']:.1f}%")
-        parts.append(f"{elapsed / 60:.1f} min")
+        parts.append(f"{elapsed / 60:.1f} min, eta {format_duration(eta)}")
         return " | ".join(parts)
 
     def close(self, status: str = "FINISHED") -> None:
         """Close `metrics.jsonl`, then end the MLflow run with `status` (`KILLED` on preemption)."""
         if self._file is not None:
             self._file.close()
+            self._file = None
+            state = {"FINISHED": "finished", "KILLED": "stopped"}.get(status, "failed")
+            write_heartbeat(self.run_dir, state, self._step, self.total_steps, None)
         if self.tracker is not None:
             self.tracker.close(status)
 

@@ -528,7 +528,7 @@ def _train(
             changed = "" if saved == layout_of(groups, cfg) else f", resharded from layout {saved}"
             took = time.perf_counter() - tic
             print(f"resumed from {resume} at step {start}{changed} ({took:.2f} s)", flush=True)
-    logger = MetricsLogger(run_dir, enabled=is_logger, total_steps=t.steps, tracker=tracker)
+    logger = MetricsLogger(run_dir, enabled=is_logger, total_steps=t.steps, start_step=start, tracker=tracker)
 
     metrics: dict[str, Any] = {}
     eval_metrics: dict[str, float] = {}
