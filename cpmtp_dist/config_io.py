@@ -30,7 +30,7 @@ from cpmtp_dist.data.data_path import parse_data_path
 from cpmtp_dist.errors import UserError
 from cpmtp_dist.layout import Layout
 
-__all__ = ["ConfigError", "config_to_dict", "load_config", "save_config", "validate_config"]
+__all__ = ["ConfigError", "config_to_dict", "flatten", "load_config", "save_config", "validate_config"]
 
 
 class ConfigError(UserError):
@@ -298,6 +298,17 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
 def config_to_dict(cfg: Config) -> dict[str, Any]:
     """The config as nested plain dicts (sections -> settings), ready for YAML or JSON."""
     return dataclasses.asdict(cfg)
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested sections -> {"model.cp.rank": 4, ...}."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out |= flatten(value, f"{prefix}{key}.")
+        else:
+            out[prefix + key] = value
+    return out
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 from cpmtp_dist.checkpoint_paths import ResumeError
 from cpmtp_dist.config import Config
-from cpmtp_dist.config_io import config_to_dict, load_config
+from cpmtp_dist.config_io import config_to_dict, flatten, load_config
 
 __all__ = ["RESUMABLE", "check_resume_config", "resume_conflicts"]
 
@@ -45,20 +44,10 @@ RESUMABLE = (
 must equal the checkpoint's."""
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out |= _flat(value, f"{prefix}{key}.")
-        else:
-            out[prefix + key] = value
-    return out
-
-
 def resume_conflicts(saved: Config, now: Config) -> list[str]:
     """The settings of `now` that differ from a checkpoint's `saved` config and that a resumed run cannot
     change (not in RESUMABLE), each as "key: saved in the checkpoint, now new"."""
-    a, b = _flat(config_to_dict(saved)), _flat(config_to_dict(now))
+    a, b = flatten(config_to_dict(saved)), flatten(config_to_dict(now))
     return [
         f"{key}: {a.get(key)!r} in the checkpoint, {b.get(key)!r} now"
         for key in sorted(a.keys() | b.keys())

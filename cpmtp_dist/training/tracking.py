@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from cpmtp_dist.config import TrackingConfig
+from cpmtp_dist.config_io import flatten
 from cpmtp_dist.training.tracking_worker import RUN_FILE, Settings, artifact_location, is_number
 
 DEFAULT_EXPERIMENT = "cpmtp"
@@ -49,15 +50,9 @@ def local_tracking_uri(run_dir: Path) -> str:
     return f"sqlite:///{run_dir.resolve() / 'mlflow.db'}"
 
 
-def flatten_params(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
+def flatten_params(tree: dict[str, Any]) -> dict[str, str]:
     """Nested sections -> {"model.cp.rank": "4", ...}, values as MLflow stores them (strings)."""
-    out: dict[str, str] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out |= flatten_params(value, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = str(value)
-    return out
+    return {key: str(value) for key, value in flatten(tree).items()}
 
 
 def numeric_metrics(row: dict[str, Any]) -> dict[str, float]:
