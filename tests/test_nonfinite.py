@@ -156,3 +156,25 @@ def test_max_nonfinite_skips_is_validated():
         validate_config(load_config(None, ["train.max_nonfinite_skips=0"]), world_size=1)
     with pytest.raises(ConfigError, match="on_nonfinite"):
         load_config(None, ["train.on_nonfinite=ignore"])
+
+
+def test_the_local_launcher_passes_status_4_on(monkeypatch, tmp_path):
+    """`cpmtp train --nproc-per-node N` exits with its ranks' status 4 (torchrun would report 1)."""
+    import torch.distributed.run
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from launchers.local import run_local
+
+    def ranks_exit(code):
+        def run(_):
+            missing = str(tmp_path / "no_error_file.json")
+            failures = {r: ProcessFailure(r, 100 + r, code, missing) for r in range(2)}
+            raise ChildFailedError("launchers.cli", failures)
+
+        return run
+
+    monkeypatch.setattr("signal.signal", lambda *args: None)  # the launcher's SIGUSR2 handler stays out
+    monkeypatch.setattr(torch.distributed.run, "run", ranks_exit(NONFINITE_EXIT_CODE))
+    assert run_local(2, ["train"]) == 4
+    monkeypatch.setattr(torch.distributed.run, "run", ranks_exit(5))
+    assert run_local(2, ["train"]) == 1
