@@ -93,8 +93,9 @@ def test_stop_exits_4_before_the_bad_step_is_saved(tmp_path, monkeypatch, capsys
 
 @pytest.mark.parametrize("zero", [0, 1])
 def test_skip_leaves_the_weights_and_goes_on(tmp_path, monkeypatch, zero):
-    """ZeRO-0 in fp32: the torch optimizer's check; ZeRO-1: DeepSpeed's own skip (schedule kept in step)."""
-    poison(monkeypatch, gradient_steps={3})
+    """ZeRO-0 in fp32: the torch optimizer's check; ZeRO-1: DeepSpeed's own skip (schedule kept in step).
+    Step 1 is skipped too: its checkpoint holds the optimizer state that AdamW had not created yet."""
+    poison(monkeypatch, gradient_steps={1, 3})
     settings = ["train.steps=5", "checkpoint.every=1", "checkpoint.keep_last=5", f"optim.zero_stage={zero}"]
     result, rows = train(tmp_path, *settings, "train.on_nonfinite=skip")
     assert result.nonfinite is None and result.final_step == 5
@@ -104,9 +105,11 @@ def test_skip_leaves_the_weights_and_goes_on(tmp_path, monkeypatch, zero):
         assert torch.equal(state[3][key], t), key  # weights, master weights, moments, step counts
     assert any(not torch.equal(state[4][k], t) for k, t in state[3].items())  # step 4 updates again
     event = [r for r in rows if "nonfinite" in r]
-    assert [(r["step"], r["nonfinite_skips"]) for r in event] == [(3, 1)]
+    assert [(r["step"], r["nonfinite_skips"]) for r in event] == [(1, 1), (3, 2)]
     logged = [r for r in rows if "loss" in r]
-    assert [r.get("nonfinite_skips", 0) for r in logged] == [0, 0, 1, 1, 1]
+    assert [r["nonfinite_skips"] for r in logged] == [1, 1, 2, 2, 2]
+    moments = [t for k, t in read_model_state(ckpts / "step_0000001", "optimizer.").items() if "exp_avg" in k]
+    assert moments and all(t.eq(0).all() for t in moments)  # as AdamW creates them
     cfg = load_config("configs/tiny.yaml", SMALL).optim
     for r in logged:  # the schedule follows the step number, skipped step included
         assert r["lr"] == pytest.approx(cfg.lr * lr_multiplier(r["step"], cfg, 5)), r["step"]

@@ -47,6 +47,7 @@ from cpmtp_dist.parallel.pipeline import PipelineStage, prepare_trunk_for_schedu
 from cpmtp_dist.parallel.sharded_state import (
     apply_model_state,
     apply_optimizer_state,
+    ensure_optimizer_state,
     sharded_model_state,
     sharded_optimizer_state,
 )
@@ -523,6 +524,7 @@ def _train(
             )
 
     def checkpoint(step: int) -> Path | None:
+        ensure_optimizer_state(engine)  # none yet if every step so far was skipped
         if not state_is_finite(engine, device):  # `latest` and the older checkpoints stay as they are
             if is_logger:
                 print(
