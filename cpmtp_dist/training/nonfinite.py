@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from cpmtp_dist.parallel.collectives import all_reduce_
+from cpmtp_dist.parallel.sharded_state import ensure_optimizer_state
 from cpmtp_dist.training.preemption import PreemptionWatch
 
 NONFINITE_EXIT_CODE = 4
@@ -158,3 +159,15 @@ def state_is_finite(engine: Any, device: torch.device) -> bool:
     finite = torch.stack([t.detach().isfinite().all().to(device) for t in tensors]).all()
     bad = (~finite).float().reshape(1)
     return not _world_max(bad)[0]
+
+
+def ready_to_save(engine: Any, device: torch.device, step: int, *, announce: bool) -> bool:
+    """Whether the state after step `step` may be saved: every weight and moment finite on every rank (else
+    a warning, printed where `announce`). Creates AdamW's state first if no step has made it yet (every
+    step so far skipped). Collective."""
+    ensure_optimizer_state(engine)
+    if state_is_finite(engine, device):
+        return True
+    if announce:
+        print(f"warning: step {step}: weights or optimizer moments not finite: no checkpoint", flush=True)
+    return False

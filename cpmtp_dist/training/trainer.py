@@ -47,7 +47,6 @@ from cpmtp_dist.parallel.pipeline import PipelineStage, prepare_trunk_for_schedu
 from cpmtp_dist.parallel.sharded_state import (
     apply_model_state,
     apply_optimizer_state,
-    ensure_optimizer_state,
     sharded_model_state,
     sharded_optimizer_state,
 )
@@ -67,7 +66,7 @@ from cpmtp_dist.training.finetune import (
 )
 from cpmtp_dist.training.memory import LiveTensorBytes, measured_peak_gib, print_plan
 from cpmtp_dist.training.metrics import MetricsLogger, entropy, peak_flops
-from cpmtp_dist.training.nonfinite import NonFiniteSteps, StepGuard, state_is_finite
+from cpmtp_dist.training.nonfinite import NonFiniteSteps, StepGuard, ready_to_save
 from cpmtp_dist.training.optim import build_engine
 from cpmtp_dist.training.preemption import PreemptionWatch
 from cpmtp_dist.training.tracking import Tracker, maybe_build_tracker, run_files
@@ -524,14 +523,8 @@ def _train(
             )
 
     def checkpoint(step: int) -> Path | None:
-        ensure_optimizer_state(engine)  # none yet if every step so far was skipped
-        if not state_is_finite(engine, device):  # `latest` and the older checkpoints stay as they are
-            if is_logger:
-                print(
-                    f"warning: step {step}: weights or optimizer moments not finite: no checkpoint",
-                    flush=True,
-                )
-            return None
+        if not ready_to_save(engine, device, step, announce=is_logger):
+            return None  # `latest` and the older checkpoints stay as they are
         tic = time.perf_counter()
         folder = save_checkpoint(
             run_dir / "checkpoints",
@@ -575,10 +568,8 @@ def _train(
     last_ckpt = None
     tic = time.perf_counter()
     watch = PreemptionWatch(device)
-    guard, nonfinite = (
-        StepGuard(engine, watch, device),
-        NonFiniteSteps(t.on_nonfinite, t.max_nonfinite_skips, logger),
-    )
+    guard = StepGuard(engine, watch, device)
+    nonfinite = NonFiniteSteps(t.on_nonfinite, t.max_nonfinite_skips, logger)
     if meter is not None:
         meter.reset_peak()  # the training steps' peak, not the weights' construction
     with watch:
