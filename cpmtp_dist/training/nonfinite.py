@@ -16,6 +16,7 @@ dp-reduced) are checked there.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,6 @@ import torch
 import torch.distributed as dist
 
 from cpmtp_dist.parallel.collectives import all_reduce_
-from cpmtp_dist.parallel.sharded_state import ensure_optimizer_state
 from cpmtp_dist.training.preemption import PreemptionWatch
 
 NONFINITE_EXIT_CODE = 4
@@ -96,7 +96,9 @@ class StepGuard:
         whether a stop signal arrived on any rank; the same on every rank. Collective."""
         if self._agreed is None:  # DeepSpeed skipped the update itself: a non-finite gradient norm
             self._agreed = self._flags(grad_bad=True)
-            self.engine.lr_scheduler.step()  # DeepSpeed held it back; keep it at the step number
+            with warnings.catch_warnings():  # torch's "before optimizer.step()": the skip is the intent
+                warnings.simplefilter("ignore", UserWarning)
+                self.engine.lr_scheduler.step()  # DeepSpeed held it back; keep it at the step number
         loss_bad, grad_bad, signal = self._agreed
         self._losses, self._agreed = [], None
         what = "loss" if loss_bad else "gradient norm" if grad_bad else None
@@ -165,6 +167,8 @@ def ready_to_save(engine: Any, device: torch.device, step: int, *, announce: boo
     """Whether the state after step `step` may be saved: every weight and moment finite on every rank (else
     a warning, printed where `announce`). Creates AdamW's state first if no step has made it yet (every
     step so far skipped). Collective."""
+    from cpmtp_dist.parallel.sharded_state import ensure_optimizer_state  # Megatron: only when saving
+
     ensure_optimizer_state(engine)
     if state_is_finite(engine, device):
         return True
