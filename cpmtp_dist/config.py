@@ -174,6 +174,13 @@ class TrainConfig:
     the ranks as `measured_memory_gib` (`cpmtp plan`'s estimates are checked against it). CUDA: the
     allocator's peak; CPU: every tensor storage counted while alive (`training/memory.py`), which slows
     each operator a little."""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """When a step's loss or gradient norm is not finite (checked every step, on every rank), its update is
+    not applied, and `stop` ends training there (`cpmtp train` exits with status 4; no checkpoint of that step
+    is written), while `skip` logs the step (`nonfinite_skips` in metrics.jsonl) and goes on with the next
+    batch."""
+    max_nonfinite_skips: int = 10
+    """With `on_nonfinite=skip`: stop after this many non-finite steps in a row."""
     peak_tflops: float = 0.0
     """Dense bf16 peak of one GPU in TFLOP/s, for MFU; 0: the built-in table by GPU name (A100, H100, H200 in
     their SXM, PCIe and NVL variants, GH200, B200, L40S, A10). Set it for a GPU the table lacks."""

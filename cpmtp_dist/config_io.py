@@ -495,6 +495,11 @@ def _check_train_and_data(c: _Checker) -> None:
                 f"train.global_batch_size={train.global_batch_size} is not divisible by train.micro_batch_size="
                 f"{train.micro_batch_size}: set train.global_batch_size to a multiple of train.micro_batch_size"
             )
+    if c.ok("train.max_nonfinite_skips") and train.max_nonfinite_skips < 1:
+        c.add(
+            f"train.max_nonfinite_skips={train.max_nonfinite_skips} must be at least 1: it is how many non-finite "
+            "steps in a row end a run with train.on_nonfinite=skip"
+        )
     if c.ok("data.heldout_fraction") and not 0 < data.heldout_fraction <= 0.5:
         c.add(
             f"data.heldout_fraction={data.heldout_fraction} is outside (0, 0.5]: set it to a small fraction such as 0.02"

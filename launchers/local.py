@@ -4,13 +4,15 @@ The command runs itself again under torch's elastic launcher (`torch.distributed
 runs) with a standalone rendezvous. The launcher stays in this process: a stop signal sent to `cpmtp`
 (SIGTERM, or SIGUSR2, which torchrun does not handle and is turned into SIGTERM here) reaches every rank,
 which checkpoint and stop; `cpmtp` then exits with status 3 like a single-process run, where torchrun
-itself would report 1. A failure of the ranks gives their common status (2: bad input), else 1.
+itself would report 1. A failure of the ranks gives their common status (2: bad input; 4: a non-finite step
+stopped training), else 1.
 """
 
 from __future__ import annotations
 
-PREEMPTED, BAD_INPUT = 3, 2
-"""The statuses of `cpmtp train` that a launcher passes on as they are."""
+PREEMPTED, BAD_INPUT, NONFINITE = 3, 2, 4
+"""The statuses of `cpmtp train` that a launcher passes on as they are (`NONFINITE`:
+`cpmtp_dist.training.nonfinite.NONFINITE_EXIT_CODE`)."""
 
 
 def child_argv(argv: list[str], run_dir: str) -> list[str]:
@@ -45,5 +47,5 @@ def run_local(nproc: int, argv: list[str]) -> int:
         return PREEMPTED
     except ChildFailedError as err:
         codes = {failure.exitcode for failure in err.failures.values()}
-        return codes.pop() if codes in ({PREEMPTED}, {BAD_INPUT}) else 1
+        return codes.pop() if codes in ({PREEMPTED}, {BAD_INPUT}, {NONFINITE}) else 1
     return 0

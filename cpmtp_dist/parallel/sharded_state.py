@@ -173,6 +173,24 @@ def apply_model_state(model: nn.Module, loaded: dict[str, Any], groups: Parallel
 
 
 @torch.no_grad()
+def ensure_optimizer_state(engine: Any) -> None:
+    """Create AdamW's state as its first step would (step 0, zero moments) where it does not exist yet: in
+    a fresh engine, or one whose every step so far was skipped (`train.on_nonfinite=skip`), so that it can
+    be saved or loaded into. A no-op once every parameter group has stepped."""
+    base = _base_optimizer(engine)
+    flats = [flat for group in base.param_groups for flat in group["params"]]
+    if all(base.state[flat] for flat in flats):
+        return
+    for flat in flats:
+        st = base.state[flat]
+        if not st:
+            st["step"] = torch.tensor(0.0)
+            for key in MOMENTS:
+                st[key] = torch.zeros_like(flat, memory_format=torch.preserve_format)
+    _link_moments(engine)
+
+
+@torch.no_grad()
 def apply_optimizer_state(engine: Any, loaded: dict[str, Any], groups: ParallelGroups) -> None:
     """Set the engine's Adam state, master weights, step counts and schedule from loaded slices.
 
@@ -185,16 +203,10 @@ def apply_optimizer_state(engine: Any, loaded: dict[str, Any], groups: ParallelG
     names = _global_names(model, groups)
     base = _base_optimizer(engine)
     masters = _masters(engine)
-    step = loaded["optimizer_step"]
+    ensure_optimizer_state(engine)
     for group in base.param_groups:
         for flat in group["params"]:
-            st = base.state[flat]
-            if not st:
-                st["step"] = torch.tensor(0.0)
-                for key in MOMENTS:
-                    st[key] = torch.zeros_like(flat, memory_format=torch.preserve_format)
-            st["step"].fill_(step)
-    _link_moments(engine)
+            base.state[flat]["step"].fill_(loaded["optimizer_step"])
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue

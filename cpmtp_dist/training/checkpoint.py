@@ -5,7 +5,7 @@ Layout of `<run_dir>/checkpoints/step_0000100/`:
                   one slice per tensor per writer, keyed by single-process names, loadable by any layout
                   (`parallel/sharded_state.py`) and by one process without torch.distributed
                   (`read_model_state`)
-    meta.json     step, tokens seen, the layout that saved it, data-loader state
+    meta.json     step, tokens seen, the layout that saved it, data-loader state, `healthy` (all finite)
     rng/          every rank's random-number generator states (rank_00000.pt, ...)
     config.yaml   the resolved config
     tokenizer/    the tokenizer the model was trained with
@@ -228,12 +228,23 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def is_healthy(folder: Path) -> bool:
+    """Whether checkpoint `folder` was saved with every weight and optimizer moment finite (`meta.json`
+    records it since the trainer checks before saving)."""
+    try:
+        return json.loads((folder / "meta.json").read_text()).get("healthy") is True
+    except (OSError, ValueError):
+        return False
+
+
 def prune_checkpoints(root: Path, keep_last: int, keep_every: int = 0) -> None:
-    """Delete complete checkpoints except the newest `keep_last` and those of steps that are multiples of
-    `keep_every` (when > 0). Unfinished `*.tmp` folders are left to the next save of their step."""
+    """Delete complete checkpoints except the newest `keep_last`, the newest healthy one (`is_healthy`),
+    whatever `keep_last` says, and those of steps that are multiples of `keep_every` (when > 0). Unfinished
+    `*.tmp` folders are left to the next save of their step."""
     done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    newest_healthy = next((p for p in reversed(done) if is_healthy(p)), None)
     for old in done[:-keep_last]:
         step = int(old.name.removeprefix("step_"))
-        if keep_every > 0 and step % keep_every == 0:
+        if (keep_every > 0 and step % keep_every == 0) or old == newest_healthy:
             continue
         shutil.rmtree(old)

@@ -54,7 +54,9 @@ def lr_multiplier(step: int, cfg: OptimConfig, total_steps: int) -> float:
 def build_optimizer(
     model: nn.Module, cfg: OptimConfig, total_steps: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    opt = torch.optim.AdamW(
+    from cpmtp_dist.training.nonfinite import SkippableAdamW
+
+    opt = SkippableAdamW(  # AdamW that `StepGuard` can hold back on a non-finite step
         build_param_groups(model, cfg.weight_decay),
         lr=cfg.lr,
         betas=(cfg.beta1, cfg.beta2),

@@ -1,8 +1,9 @@
 """Preemption: SIGTERM or SIGUSR2 (Slurm's warning signal with `--signal=USR2@T`) ends a run at the next step
 boundary with a checkpoint, on every rank together.
 
-A handler only sets a flag; after every optimizer step the ranks all-reduce their flags (one scalar), so a
-signal that reaches the ranks at different moments still stops all of them after the same step. The trainer
+A handler only sets a flag; every step the ranks all-reduce their flags (with the step's finiteness flags, in
+`nonfinite.StepGuard`), so a signal that reaches the ranks at different moments still stops all of them after
+the same step. The trainer
 then saves a checkpoint and returns; `cpmtp train` exits with `PREEMPTED_EXIT_CODE` so that a job script
 can requeue itself, and the requeued run continues with `--resume auto`.
 """
@@ -15,9 +16,6 @@ from types import FrameType
 from typing import Any
 
 import torch
-import torch.distributed as dist
-
-from cpmtp_dist.parallel.collectives import all_reduce_
 
 PREEMPTED_EXIT_CODE = 3
 """`cpmtp train`'s exit status after a preemption checkpoint (requeue and resume)."""
@@ -46,10 +44,3 @@ class PreemptionWatch:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.received = signum
-
-    def agreed(self) -> bool:
-        """Whether any rank has received a signal. Collective over the whole world."""
-        flag = torch.tensor([0.0 if self.received is None else 1.0], device=self.device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            all_reduce_(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from cpmtp_dist.checkpoint_paths import ResumeError, resolve_init_checkpoint
+from cpmtp_dist.checkpoint_paths import ResumeError, latest_checkpoint, resolve_init_checkpoint
 from cpmtp_dist.config import Config
 from cpmtp_dist.config_io import config_to_dict
 from cpmtp_dist.data.loader import make_targets
@@ -66,6 +66,7 @@ from cpmtp_dist.training.finetune import (
 )
 from cpmtp_dist.training.memory import LiveTensorBytes, measured_peak_gib, print_plan
 from cpmtp_dist.training.metrics import MetricsLogger, entropy, peak_flops
+from cpmtp_dist.training.nonfinite import NonFiniteSteps, StepGuard, ready_to_save
 from cpmtp_dist.training.optim import build_engine
 from cpmtp_dist.training.preemption import PreemptionWatch
 from cpmtp_dist.training.tracking import Tracker, maybe_build_tracker, run_files
@@ -80,6 +81,9 @@ class TrainResult:
     checkpoint: Path | None
     preempted: bool = False
     """The run stopped early on SIGTERM / SIGUSR2, after saving `checkpoint`."""
+    nonfinite: str | None = None
+    """Why the run stopped at a non-finite step (`train.on_nonfinite`), naming the newest healthy checkpoint
+    (`checkpoint`) and what to try; None if it did not."""
 
 
 def resolve_precision(cfg: Config) -> tuple[torch.device, torch.dtype]:
@@ -179,9 +183,11 @@ def train_step(
     groups: ParallelGroups,
     *,
     log_now: bool,
+    guard: StepGuard | None = None,
 ) -> dict[str, Any]:
     """One optimizer step over this rank's micro-batches. On logging steps it returns the step's
-    metrics (reduced over dp); otherwise {} and no host synchronisation beyond DeepSpeed's own."""
+    metrics (reduced over dp); otherwise {} and no host synchronisation beyond DeepSpeed's own and
+    `guard`'s (which may hold the update back: `training/nonfinite.py`)."""
     n = cfg.model.cp.horizon
     device = next(engine.module.parameters()).device
     pairs = [make_targets(mb.to(device), n, IGNORE_INDEX) for mb in micro_batches]
@@ -190,6 +196,8 @@ def train_step(
         all_reduce_(count, groups.dp_group)
     scale = groups.dp_size / count  # a tensor: no host sync
     sums = StatSums(n, cfg.model.cp.rank, device)
+    if guard is not None:
+        guard.begin([sums.loss, sums.aux, sums.kl])  # filled in place by the micro-batches
     if groups.pp_size > 1:
         _pipeline_forward_backward(engine, pairs, cfg, scale=scale, sums=sums, with_accuracy=log_now)
         engine.step()
@@ -408,6 +416,24 @@ def drop_metrics_after(path: Path, step: int) -> None:
         path.write_text("".join(r + "\n" for r in rows))
 
 
+def stop_on_nonfinite(
+    nonfinite: NonFiniteSteps,
+    step: int,
+    run_dir: Path,
+    saves: AsyncSaves | None,
+    logger: MetricsLogger,
+    *,
+    lr: float,
+) -> TrainResult:
+    """End training at non-finite step `step` without a checkpoint of it (`train.on_nonfinite`)."""
+    if saves is not None:
+        saves.close()  # an earlier, healthy checkpoint still being written
+    logger.close(status="FAILED")
+    healthy = latest_checkpoint(run_dir / "checkpoints") if (run_dir / "checkpoints").exists() else None
+    message = nonfinite.stop_message(step, healthy, lr)
+    return TrainResult(run_dir, step, {}, {}, healthy, nonfinite=message)
+
+
 # --------------------------------------------------------------------------------------------------
 def train(
     cfg: Config, run_dir: Path, *, resume: Path | None = None, tracker: Tracker | None = None
@@ -492,7 +518,9 @@ def _train(
                 flush=True,
             )
 
-    def checkpoint(step: int) -> Path:
+    def checkpoint(step: int) -> Path | None:
+        if not ready_to_save(engine, device, step, announce=is_logger):
+            return None  # `latest` and the older checkpoints stay as they are
         tic = time.perf_counter()
         folder = save_checkpoint(
             run_dir / "checkpoints",
@@ -502,6 +530,7 @@ def _train(
                 "tokens_seen": step * tokens_per_step,
                 "layout": layout_of(groups, cfg),
                 "loader": loader.state_dict(),
+                "healthy": True,  # every weight and moment finite: retention keeps the newest such one
             },
             config_yaml=config_yaml,
             tokenizer_dir=data.tokenizer_dir,
@@ -535,12 +564,17 @@ def _train(
     last_ckpt = None
     tic = time.perf_counter()
     watch = PreemptionWatch(device)
+    guard = StepGuard(engine, watch, device)
+    nonfinite = NonFiniteSteps(t.on_nonfinite, t.max_nonfinite_skips, logger)
     if meter is not None:
         meter.reset_peak()  # the training steps' peak, not the weights' construction
     with watch:
         for step in range(start + 1, t.steps + 1):
             log_now = step % t.log_every == 0 or step == t.steps
-            metrics = train_step(engine, loader.next_step(), cfg, groups, log_now=log_now)
+            metrics = train_step(engine, loader.next_step(), cfg, groups, log_now=log_now, guard=guard)
+            what, preempted = guard.end()
+            if nonfinite.after_step(step, what):
+                return stop_on_nonfinite(nonfinite, step, run_dir, saves, logger, lr=cfg.optim.lr)
             if log_now:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
@@ -556,7 +590,7 @@ def _train(
                     "lr": engine.get_lr()[0],
                     "tokens_per_s": tps,
                     "tokens_seen": step * tokens_per_step,
-                }
+                } | nonfinite.metrics()
                 skipped = getattr(loader, "skipped_shards", None)
                 if skipped is not None:
                     metrics["data_skipped_shards"] = skipped
@@ -573,12 +607,12 @@ def _train(
             if t.eval_every and step % t.eval_every == 0 and step != t.steps and valid:
                 logger.log(step, evaluate(engine, valid, cfg, groups))
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
-                last_ckpt = checkpoint(step)
+                last_ckpt = checkpoint(step) or last_ckpt
             if saves is not None:
                 saves.poll()
-            if watch.agreed():
+            if preempted:
                 if last_ckpt is None or not last_ckpt.name.endswith(f"{step:07d}"):
-                    last_ckpt = checkpoint(step)
+                    last_ckpt = checkpoint(step) or last_ckpt
                 if saves is not None:
                     saves.close()
                 if is_logger:
@@ -589,7 +623,7 @@ def _train(
         eval_metrics = evaluate(engine, valid, cfg, groups)
         logger.log(t.steps, eval_metrics)
     if last_ckpt is None or not last_ckpt.name.endswith(f"{t.steps:07d}"):
-        last_ckpt = checkpoint(t.steps)
+        last_ckpt = checkpoint(t.steps) or last_ckpt
     if saves is not None:
         saves.close()
     logger.close()
