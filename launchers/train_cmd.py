@@ -8,6 +8,7 @@ lets `key=value` overrides come anywhere among the options, for every command th
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -61,7 +62,55 @@ def add_train_arguments(t: argparse.ArgumentParser) -> None:
     t.add_argument(
         "--experiment", help="MLflow experiment (sets tracking.experiment; default: the config file's stem)"
     )
+    t.add_argument(
+        "--verify-checkpoint",
+        choices=["fast", "full"],
+        default="fast",
+        help="before resuming, check the checkpoint's files against the sizes (fast) or also the CRC-32s (full: "
+        "reads every file) recorded when it was saved",
+    )
     t.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. model.cp.rank=8")
+
+
+def resume_checkpoint(resume: str, run_dir: Path, full: bool, is_rank0: bool) -> Path | None:
+    """The checkpoint `--resume` names, checked against the sizes (and with `full` the CRC-32s) its meta.json
+    recorded: `auto` takes the newest of the run's that verifies, warning of each newer damaged one (None:
+    the run has none yet); a named one that does not verify is refused, naming the file."""
+    from cpmtp_dist.checkpoint_paths import (
+        ResumeError,
+        latest_checkpoint,
+        newest_verified_checkpoint,
+        verify_checkpoint,
+    )
+
+    if resume != "auto":
+        found = latest_checkpoint(Path(resume))
+        if found is None:
+            raise ResumeError(f"--resume {resume}: no complete checkpoint there")
+        problem = verify_checkpoint(found, full)
+        if problem is not None:
+            raise ResumeError(f"--resume {resume}: {problem}; resume from another checkpoint")
+        return found
+    root = run_dir / "checkpoints"
+    found, damaged = newest_verified_checkpoint(root, full) if root.exists() else (None, [])
+    for problem in damaged if is_rank0 else ():
+        print(f"warning: --resume auto: a damaged checkpoint is skipped: {problem}", file=sys.stderr)
+    if found is None and damaged:
+        raise ResumeError(
+            f"--resume auto: no checkpoint in {root} verifies ({len(damaged)} damaged); resume from another "
+            "run's checkpoint with --resume PATH, or start afresh in another --run-dir"
+        )
+    if found is None and is_rank0:
+        print(f"--resume auto: no complete checkpoint in {root}; starting from step 0")
+    if damaged and is_rank0:  # a health event for `cpmtp status`
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            step = json.loads((found / "meta.json").read_text())["step"]
+            for problem in damaged:
+                f.write(
+                    json.dumps({"step": step, "event": "damaged_checkpoint_skipped", "detail": problem})
+                    + "\n"
+                )
+    return found
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -106,18 +155,13 @@ def run_train(args: argparse.Namespace) -> int:
         from launchers.local import child_argv, run_local
 
         return run_local(args.nproc_per_node, child_argv(args.argv, str(run_dir)))
-    from cpmtp_dist.checkpoint_paths import latest_checkpoint
-
     is_rank0 = int(os.environ.get("RANK", "0")) == 0
     resume = None
-    if args.resume == "auto":
-        resume = latest_checkpoint(run_dir / "checkpoints") if (run_dir / "checkpoints").exists() else None
-        if resume is None and is_rank0:
-            print(f"--resume auto: no complete checkpoint in {run_dir / 'checkpoints'}; starting from step 0")
-    elif args.resume is not None:
-        resume = latest_checkpoint(Path(args.resume))
-        if resume is None:
-            print(f"error: --resume {args.resume}: no complete checkpoint there", file=sys.stderr)
+    if args.resume is not None:
+        try:
+            resume = resume_checkpoint(args.resume, run_dir, args.verify_checkpoint == "full", is_rank0)
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr)
             return 2
     elif (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
         print(

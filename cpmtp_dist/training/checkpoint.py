@@ -5,7 +5,8 @@ Layout of `<run_dir>/checkpoints/step_0000100/`:
                   one slice per tensor per writer, keyed by single-process names, loadable by any layout
                   (`parallel/sharded_state.py`) and by one process without torch.distributed
                   (`read_model_state`)
-    meta.json     step, tokens seen, the layout that saved it, data-loader state, `healthy` (all finite)
+    meta.json     step, tokens seen, the layout that saved it, data-loader state, `healthy` (all finite),
+                  `files`: every other file's size and CRC-32 (checked on resume: checkpoint_paths.py)
     rng/          every rank's random-number generator states (rank_00000.pt, ...)
     config.yaml   the resolved config
     tokenizer/    the tokenizer the model was trained with
@@ -26,6 +27,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from cpmtp_dist.checkpoint_paths import file_digests
 
 
 def checkpoint_name(step: int) -> str:
@@ -83,10 +86,16 @@ def save_checkpoint(
         if tokenizer_dir is not None:
             shutil.copytree(tokenizer_dir, tmp / "tokenizer")
         _write_atomic(tmp / "meta.json", json.dumps({"step": step, **meta}, indent=2))
+    if saves is None:
+        _digest_own_files(tmp, rank)  # this rank's slices are on disk now
 
     def commit() -> None:
+        if saves is not None:  # every rank's background writer has finished: all ranks are here
+            _digest_own_files(tmp, rank)
+            barrier()
         if not is_writer:
             return
+        _record_digests(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -102,6 +111,28 @@ def save_checkpoint(
         request.add_finalize_fn(commit)  # runs after every rank's writer has finished
         saves.schedule(request, final)
     return final
+
+
+def _digest_own_files(tmp: Path, rank: int) -> None:
+    """Record the size and CRC-32 of the files this rank wrote (its slices, its generator states) in
+    `checksums/rank_N.json`: each rank reads only its own files back."""
+    own = sorted(str(p.relative_to(tmp)) for p in (tmp / "state").glob(f"__{rank}_*.distcp"))
+    own.append(f"rng/rank_{rank:05d}.pt")
+    (tmp / "checksums").mkdir(exist_ok=True)
+    _write_atomic(tmp / "checksums" / f"rank_{rank:05d}.json", json.dumps(file_digests(tmp, own)))
+
+
+def _record_digests(tmp: Path) -> None:
+    """The writer, once every rank has digested its files: meta.json's "files" lists every file of the
+    checkpoint (the ranks' digests, and the writer's own for the rest), then the per-rank lists go."""
+    files: dict[str, dict[str, object]] = {}
+    for part in sorted((tmp / "checksums").glob("rank_*.json")):
+        files |= json.loads(part.read_text())
+    shutil.rmtree(tmp / "checksums")
+    rest = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file() and p.name != "meta.json")
+    files |= file_digests(tmp, [name for name in rest if name not in files])
+    meta = json.loads((tmp / "meta.json").read_text())
+    _write_atomic(tmp / "meta.json", json.dumps({**meta, "files": files}, indent=2))
 
 
 class AsyncSaves:
