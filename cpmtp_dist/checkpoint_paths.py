@@ -41,12 +41,17 @@ def latest_checkpoint(root: Path) -> Path | None:
         cand = root / pointer.read_text().strip()
         if (cand / "meta.json").exists():
             return cand
-    done = sorted(
+    done = complete_checkpoints(root)
+    return done[-1] if done else None
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """The complete `step_N` folders under `root` (meta.json written, not an unfinished `*.tmp`), oldest first."""
+    return sorted(
         p
         for p in root.glob("step_*")
         if p.is_dir() and not p.name.endswith(".tmp") and (p / "meta.json").exists()
     )
-    return done[-1] if done else None
 
 
 def resolve_init_checkpoint(init_from: str | Path) -> Path:
@@ -110,16 +115,8 @@ def verify_checkpoint(folder: Path, full: bool = False) -> str | None:
 
 def newest_verified_checkpoint(root: Path, full: bool = False) -> tuple[Path | None, list[str]]:
     """The newest complete checkpoint under `root` that verifies, and what is wrong with each newer one."""
-    done = sorted(
-        (
-            p
-            for p in root.glob("step_*")
-            if p.is_dir() and not p.name.endswith(".tmp") and (p / "meta.json").exists()
-        ),
-        reverse=True,
-    )
     damaged: list[str] = []
-    for folder in done:
+    for folder in reversed(complete_checkpoints(root)):
         problem = verify_checkpoint(folder, full)
         if problem is None:
             return folder, damaged

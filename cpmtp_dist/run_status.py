@@ -18,20 +18,20 @@ from typing import Any
 
 from cpmtp_dist.checkpoint_paths import latest_checkpoint
 from cpmtp_dist.errors import UserError
+from cpmtp_dist.training.tracking_worker import read_metrics
 
 HEARTBEAT = "heartbeat.json"
 STALE_AFTER_S = 300.0
 """A running heartbeat older than this and than 3 of its intervals means the run is no longer alive."""
 
 
-def write_heartbeat(run_dir: Path, state: str, step: int, total_steps: int, eta_s: float | None) -> None:
-    """Replace `run_dir/heartbeat.json` atomically; the interval is the time since the previous beat."""
+def write_heartbeat(
+    run_dir: Path, state: str, step: int, total_steps: int, eta_s: float | None, last: float | None = None
+) -> float:
+    """Replace `run_dir/heartbeat.json` atomically; `last` is the time of the previous beat (the interval).
+    Returns this beat's time."""
     path = run_dir / HEARTBEAT
     now = time.time()
-    try:
-        last = json.loads(path.read_text()).get("time")
-    except (OSError, ValueError):
-        last = None
     beat = {
         "state": state,
         "step": step,
@@ -45,6 +45,7 @@ def write_heartbeat(run_dir: Path, state: str, step: int, total_steps: int, eta_
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(beat) + "\n")
     os.replace(tmp, path)
+    return now
 
 
 def format_duration(seconds: float | None) -> str:
@@ -55,19 +56,6 @@ def format_duration(seconds: float | None) -> str:
     if s >= 3600:
         return f"{s // 3600}h{s % 3600 // 60:02d}m"
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
-
-
-def _rows(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:  # a line being written
-            continue
-    return rows
 
 
 def _alive(beat: dict[str, Any], now: float) -> str:
@@ -93,7 +81,7 @@ def run_status(run_dir: Path, now: float | None = None) -> list[str]:
     import yaml
 
     total = yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["steps"]
-    rows = _rows(run_dir)
+    rows = read_metrics(run_dir / "metrics.jsonl")
     train_rows = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "eval_joint_loss" in r]
     events = [r for r in rows if "event" in r]

@@ -28,8 +28,8 @@ def make_run(run: Path) -> Path:
     ckpt.mkdir(parents=True)
     (ckpt / "meta.json").write_text('{"step": 20}')
     (run / "checkpoints" / "latest").write_text("step_0000020")
-    write_heartbeat(run, "running", 20, 100, 95.0)
-    write_heartbeat(run, "running", 20, 100, 95.0)  # a second beat: an interval
+    last = write_heartbeat(run, "running", 20, 100, 95.0)
+    write_heartbeat(run, "running", 20, 100, 95.0, last)  # a second beat: an interval
     return run
 
 

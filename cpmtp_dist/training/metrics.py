@@ -95,8 +95,7 @@ class MetricsLogger:
         self._paced = False
         self._step = start_step
         self._file = open(run_dir / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115
-        if enabled:
-            write_heartbeat(run_dir, "running", start_step, total_steps, None)
+        self._beat = write_heartbeat(run_dir, "running", start_step, total_steps, None) if enabled else None
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -109,7 +108,7 @@ class MetricsLogger:
         self.stream.flush()
         if "loss" in row:
             self._step = step
-            write_heartbeat(self.run_dir, "running", step, self.total_steps, eta)
+            self._beat = write_heartbeat(self.run_dir, "running", step, self.total_steps, eta, self._beat)
         if self.tracker is not None:
             self.tracker.log_metrics(step, row)
 
@@ -150,7 +149,7 @@ class MetricsLogger:
             self._file.close()
             self._file = None
             state = {"FINISHED": "finished", "KILLED": "stopped"}.get(status, "failed")
-            write_heartbeat(self.run_dir, state, self._step, self.total_steps, None)
+            write_heartbeat(self.run_dir, state, self._step, self.total_steps, None, self._beat)
         if self.tracker is not None:
             self.tracker.close(status)
 
