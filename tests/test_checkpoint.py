@@ -34,7 +34,7 @@ def save(root: Path, step: int, **kw) -> Path:
 
 def test_retention_keeps_the_last_k_and_every_m_th(tmp_path):
     for step in range(10, 110, 10):
-        save(tmp_path, step, keep_last=2, keep_every=30)
+        save(tmp_path, step, on_commit=lambda: prune_checkpoints(tmp_path, 2, 30))
     kept = sorted(p.name for p in tmp_path.glob("step_*"))
     assert kept == [checkpoint_name(s) for s in (30, 60, 90, 100)]
     prune_checkpoints(tmp_path, keep_last=1)

@@ -377,10 +377,11 @@ def test_llama_3_2_1b_config_is_the_shipped_config_trunk():
 
 def test_a_converted_checkpoint_is_not_resumed(made, tmp_path):
     from cpmtp_dist.checkpoint_paths import ResumeError
-    from cpmtp_dist.training.trainer import restore_checkpoint
+    from cpmtp_dist.resume_check import check_resume_config
 
+    # What `cpmtp train --resume` and the trainer's Checkpointer.restore check before any weight is read.
     with pytest.raises(ResumeError, match="finetune.init_from="):
-        restore_checkpoint(made["tied"][1] / "step_0000000", None, None, None, None)
+        check_resume_config(made["tied"][1] / "step_0000000", None)
 
 
 # --- bad input ------------------------------------------------------------------------------------------------

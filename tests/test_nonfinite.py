@@ -183,3 +183,59 @@ def test_the_local_launcher_passes_status_4_on(monkeypatch, tmp_path):
     assert run_local(2, ["train"]) == 4
     monkeypatch.setattr(torch.distributed.run, "run", ranks_exit(5))
     assert run_local(2, ["train"]) == 1
+
+
+class FakeTracker:
+    """Records what the trainer does with its MLflow tracker."""
+
+    rows_logged = 0
+
+    def __init__(self) -> None:
+        self.ended: str | None = None
+
+    def add_files(self, files) -> None:
+        pass
+
+    def log_metrics(self, step, row) -> None:
+        self.rows_logged += 1
+
+    def close(self, status: str = "FINISHED") -> None:
+        self.ended = status
+
+    def discard(self) -> None:
+        self.ended = "discarded"
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_run_that_raises_releases_its_writer_logger_and_tracker(tmp_path, monkeypatch, async_save):
+    """An exception in step 4 (after step 3's checkpoint, maybe still written in the background): the
+    exception reaches the caller, the tracker's run ends FAILED, metrics.jsonl is closed and the heartbeat
+    says failed; the checkpoint of step 2 is complete, and an unfinished save never becomes `latest`."""
+    real_step = trainer.train_step
+
+    def train_step(engine, *args, **kwargs):
+        if engine.global_steps == 3:
+            raise RuntimeError("injected failure in step 4")
+        return real_step(engine, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_step", train_step)
+    cfg = load_config(
+        "configs/tiny.yaml", [*SMALL, "train.steps=6", "train.log_every=1", "checkpoint.every=2"]
+    )
+    cfg.checkpoint.async_save = async_save
+    tracker = FakeTracker()
+    with pytest.raises(RuntimeError, match="injected failure"):
+        trainer.train(cfg, tmp_path / "run", tracker=tracker)
+    assert tracker.ended == "FAILED" and tracker.rows_logged == 3
+    assert json.loads((tmp_path / "run" / "heartbeat.json").read_text())["state"] == "failed"
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step_0000002"
+    assert_finite(ckpts / "step_0000002")
+    # Failing before the first step: the tracker's run is left as it is (discarded, not marked).
+    tracker = FakeTracker()
+    monkeypatch.setattr(
+        trainer, "build_training_data", lambda *a, **k: (_ for _ in ()).throw(OSError("disk"))
+    )
+    with pytest.raises(OSError, match="disk"):
+        trainer.train(cfg, tmp_path / "run2", tracker=tracker)
+    assert tracker.ended == "discarded"

@@ -43,8 +43,7 @@ def save_checkpoint(
     meta: dict[str, Any],
     config_yaml: str,
     tokenizer_dir: Path | None,
-    keep_last: int = 0,
-    keep_every: int = 0,
+    on_commit: Callable[[], None] | None = None,
     is_writer: bool = True,
     rank: int = 0,
     barrier: Callable[[], None] = lambda: None,
@@ -55,7 +54,8 @@ def save_checkpoint(
     Collective: every rank calls it with its `sharded_state` (`dist_checkpointing` writes each slice
     once, from the rank that holds its main replica, into `state/`); the rank with `is_writer` creates
     the folder and writes everything else. `barrier` synchronises the ranks (a no-op in one process).
-    `root` must be on a filesystem all ranks share.
+    `root` must be on a filesystem all ranks share. `on_commit` runs on the writer once the checkpoint is in
+    place and `latest` names it (retention: `Checkpointer`).
 
     With `saves`, the slices are written by a background process (forked now: it sees the tensors as
     they are at this call, while training goes on) and the folder is renamed into place when every
@@ -99,9 +99,9 @@ def save_checkpoint(
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _write_atomic(root / "latest", final.name)
-        if keep_last > 0:
-            prune_checkpoints(root, keep_last, keep_every)
+        write_latest(root, final.name)
+        if on_commit is not None:
+            on_commit()
 
     if saves is None:
         barrier()  # every rank's slices and generator states are on disk
@@ -164,6 +164,16 @@ class AsyncSaves:
     def close(self) -> None:
         self.wait()
         self._queue.close()
+
+    def abort(self) -> None:
+        """Training failed: let this rank's background writer finish its files, without the collective
+        finalisation (other ranks may be gone), and drop the save: its folder stays an unfinished `*.tmp`."""
+        for call in self._queue.async_calls:
+            process = getattr(call.async_caller, "process", None)
+            if process is not None:
+                process.join()
+        self._queue.async_calls.clear()
+        self._in_flight.clear()
 
 
 def start_checkpoint_writer() -> None:
@@ -257,6 +267,11 @@ def _write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_latest(root: Path, name: str) -> None:
+    """Point `root/latest` at checkpoint `name` (atomically)."""
+    _write_atomic(root / "latest", name)
 
 
 def is_healthy(folder: Path) -> bool:

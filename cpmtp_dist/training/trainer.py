@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import yaml
 
-from cpmtp_dist.checkpoint_paths import ResumeError, latest_checkpoint, resolve_init_checkpoint
+from cpmtp_dist.checkpoint_paths import resolve_init_checkpoint
 from cpmtp_dist.config import Config
 from cpmtp_dist.config_io import config_to_dict
 from cpmtp_dist.data.loader import make_targets
@@ -44,21 +43,9 @@ from cpmtp_dist.parallel.layout import (
     global_grad_norm,
 )
 from cpmtp_dist.parallel.pipeline import PipelineStage, prepare_trunk_for_schedule, run_schedule
-from cpmtp_dist.parallel.sharded_state import (
-    apply_model_state,
-    apply_optimizer_state,
-    sharded_model_state,
-    sharded_optimizer_state,
-)
 from cpmtp_dist.parallel.state import ParallelGroups, initialize_parallel
-from cpmtp_dist.resume_check import check_resume_config
-from cpmtp_dist.training.checkpoint import (
-    AsyncSaves,
-    load_sharded_state,
-    save_checkpoint,
-    set_rng_state,
-    start_checkpoint_writer,
-)
+from cpmtp_dist.training.checkpoint import start_checkpoint_writer
+from cpmtp_dist.training.checkpointer import Checkpointer, layout_of
 from cpmtp_dist.training.finetune import (
     build_teacher,
     freeze_trunk,
@@ -66,7 +53,7 @@ from cpmtp_dist.training.finetune import (
 )
 from cpmtp_dist.training.memory import LiveTensorBytes, measured_peak_gib, print_plan
 from cpmtp_dist.training.metrics import MetricsLogger, entropy, peak_flops
-from cpmtp_dist.training.nonfinite import NonFiniteSteps, StepGuard, ready_to_save
+from cpmtp_dist.training.nonfinite import NonFiniteSteps, StepGuard
 from cpmtp_dist.training.optim import build_engine
 from cpmtp_dist.training.preemption import PreemptionWatch
 from cpmtp_dist.training.tracking import Tracker, maybe_build_tracker, run_files
@@ -366,72 +353,11 @@ def optimizer_state_bytes(engine: Any) -> int:
     return int(total)
 
 
-def layout_of(groups: ParallelGroups, cfg: Config) -> dict[str, int]:
-    """The layout a checkpoint records: what a resume may change (everything reshards) and reports. The
-    world size is tp * pp * dp (ep splits dp)."""
-    return {
-        "tp": groups.tp_size,
-        "pp": groups.pp_size,
-        "ep": groups.ep_size,
-        "dp": groups.dp_size,
-        "zero_stage": cfg.optim.zero_stage,
-    }
-
-
-def restore_checkpoint(
-    folder: Path, engine: Any, loader: Any, groups: ParallelGroups, cfg: Config
-) -> tuple[int, dict[str, Any]]:
-    """Load a checkpoint of any layout into the engine, model, loader and generators; its step and meta.
-
-    Weights, Adam moments, step counts and the learning-rate schedule come from the sharded `state/`
-    (`parallel/sharded_state.py`), resliced for this layout. The generators are restored per rank when
-    the world size is unchanged (otherwise each rank keeps its seeded state: the next steps draw no random
-    numbers in training, only dropout would). The data position: see `docs/DATA.md` ("Resuming").
-    """
-    check_resume_config(folder, cfg)  # before any weight is read
-    meta = json.loads((folder / "meta.json").read_text())
-    try:  # first: the data position may refuse this layout, before anything heavy is read
-        loader.load_state_dict(meta["loader"])
-    except ValueError as err:
-        raise ResumeError(f"--resume {folder}: {err}") from err
-    template = sharded_model_state(engine.module, groups, copy=True)
-    template |= sharded_optimizer_state(engine, groups, copy=True)
-    loaded = load_sharded_state(folder, template)
-    apply_model_state(engine.module, loaded, groups)
-    apply_optimizer_state(engine, loaded, groups)
-    step = int(meta["step"])
-    engine.global_steps = step
-    engine.global_samples = step * cfg.train.global_batch_size
-    saved = meta["layout"]
-    rng = folder / "rng" / f"rank_{groups.rank:05d}.pt"
-    if rng.exists() and saved["tp"] * saved["pp"] * saved["dp"] == groups.world_size:
-        set_rng_state(torch.load(rng, weights_only=False))
-    return step, meta
-
-
 def drop_metrics_after(path: Path, step: int) -> None:
     """Keep the rows of steps <= `step`: a resumed run logs the later steps again."""
     if path.exists():
         rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
         path.write_text("".join(r + "\n" for r in rows))
-
-
-def stop_on_nonfinite(
-    nonfinite: NonFiniteSteps,
-    step: int,
-    run_dir: Path,
-    saves: AsyncSaves | None,
-    logger: MetricsLogger,
-    *,
-    lr: float,
-) -> TrainResult:
-    """End training at non-finite step `step` without a checkpoint of it (`train.on_nonfinite`)."""
-    if saves is not None:
-        saves.close()  # an earlier, healthy checkpoint still being written
-    logger.close(status="FAILED")
-    healthy = latest_checkpoint(run_dir / "checkpoints") if (run_dir / "checkpoints").exists() else None
-    message = nonfinite.stop_message(step, healthy, lr)
-    return TrainResult(run_dir, step, {}, {}, healthy, nonfinite=message)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -442,6 +368,26 @@ def train(
     meter = LiveTensorBytes() if cfg.train.measure_memory and not torch.cuda.is_available() else None
     with meter or contextlib.nullcontext():
         return _train(cfg, run_dir, resume=resume, tracker=tracker, meter=meter)
+
+
+@dataclass
+class _Run:
+    """One run while it trains: what `_train` builds and `_loop` uses."""
+
+    cfg: Config
+    run_dir: Path
+    groups: ParallelGroups
+    engine: Any
+    loader: Any
+    valid: list[torch.Tensor]
+    device: torch.device
+    ckpt: Checkpointer
+    logger: MetricsLogger
+    meter: LiveTensorBytes | None
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.train.global_batch_size * self.cfg.model.trunk.seq_length
 
 
 def _train(
@@ -457,7 +403,8 @@ def _train(
 
     With `resume` (a checkpoint folder, saved at any layout) training continues after the checkpoint's
     step with the model, optimizer, scheduler, data-loader position and generator states it holds, so the
-    steps that follow are those of an uninterrupted run.
+    steps that follow are those of an uninterrupted run. However training ends, the checkpoint writer, the
+    metrics logger and the tracker are released (on an exception: the run is marked failed).
     """
     # First: a missing source checkpoint must fail before anything is built.
     init = resolve_init_checkpoint(cfg.finetune.init_from) if cfg.finetune.init_from is not None else None
@@ -471,10 +418,52 @@ def _train(
         (run_dir / "config.yaml").write_text(config_yaml)
     if tracker is None:
         tracker = maybe_build_tracker(cfg.tracking, run_dir, enabled=is_logger, params=config_to_dict(cfg))
+    ckpt: Checkpointer | None = None
+    logger: MetricsLogger | None = None
+    done = False
+    try:
+        engine, data, device = _build(cfg, groups, run_dir, tracker, meter, init, resuming=resume is not None)
+        ckpt = Checkpointer(
+            run_dir,
+            cfg,
+            engine=engine,
+            groups=groups,
+            loader=data.loader,
+            device=device,
+            tokenizer_dir=data.tokenizer_dir,
+            config_yaml=config_yaml,
+        )
+        start = 0 if resume is None else _resume(ckpt, resume, run_dir, announce=is_logger)
+        logger = MetricsLogger(
+            run_dir, enabled=is_logger, total_steps=cfg.train.steps, start_step=start, tracker=tracker
+        )
+        run = _Run(cfg, run_dir, groups, engine, data.loader, data.valid, device, ckpt, logger, meter)
+        result = _loop(run, start)
+        done = True
+        return result
+    finally:
+        if ckpt is not None:
+            ckpt.close(failed=not done)
+        if not done and logger is not None:
+            logger.close(status="FAILED")  # and the tracker's run
+        elif not done and tracker is not None:
+            tracker.discard()  # failed before training: the MLflow run is left as it is
 
+
+def _build(
+    cfg: Config,
+    groups: ParallelGroups,
+    run_dir: Path,
+    tracker: Tracker | None,
+    meter: LiveTensorBytes | None,
+    init: Path | None,
+    *,
+    resuming: bool,
+) -> tuple[Any, Any, torch.device]:
+    """The data, the model (with `cfg.finetune` applied) and its DeepSpeed engine; prints the run's summary."""
+    is_logger = groups.rank == 0
     device, dtype = resolve_precision(cfg)
     data = build_training_data(cfg, dp_rank=groups.dp_rank, dp_size=groups.dp_size)
-    loader, valid = data.loader, data.valid
     if tracker is not None:
         tracker.add_files(run_files(run_dir, data.tokenizer_dir, cfg.data.path))
     t = cfg.train
@@ -482,7 +471,7 @@ def _train(
     if meter is not None:
         meter.forget()  # the model, optimizer and steps: what `cpmtp plan` estimates
     model = build_model(cfg, groups, dtype, device)
-    finetune_note = apply_finetune(model, cfg, groups, init=init, resuming=resume is not None)
+    finetune_note = apply_finetune(model, cfg, groups, init=init, resuming=resuming)
     # Under pp, Megatron's schedule runs the micro-batches: DeepSpeed sees one batch per step.
     pipelined = groups.pp_size > 1
     engine = build_engine(
@@ -496,12 +485,10 @@ def _train(
         pipelined=pipelined,
         mpu=DeepSpeedMPU(groups),
     )
-    tokens_per_step = t.global_batch_size * cfg.model.trunk.seq_length
-    flops = flops_per_token(cfg.model, freeze_trunk=cfg.finetune.freeze_trunk)
-    peak = peak_flops(device, t.peak_tflops)
     n_params = count_parameters(model, groups)
     print_plan(cfg, groups.world_size, device, enabled=is_logger)
     if is_logger:
+        tokens_per_step = t.global_batch_size * cfg.model.trunk.seq_length
         print(
             f"model: {n_params / 1e6:.2f}M parameters, n={cfg.model.cp.horizon} r={cfg.model.cp.rank} "
             f"({cfg.model.cp.parameterisation}); data: {data.description}, "
@@ -517,114 +504,103 @@ def _train(
                 "with a larger --heldout-fraction to evaluate",
                 flush=True,
             )
+    return engine, data, device
 
-    def checkpoint(step: int) -> Path | None:
-        if not ready_to_save(engine, device, step, announce=is_logger):
-            return None  # `latest` and the older checkpoints stay as they are
-        tic = time.perf_counter()
-        folder = save_checkpoint(
-            run_dir / "checkpoints",
-            step,
-            sharded_state=sharded_model_state(model, groups) | sharded_optimizer_state(engine, groups),
-            meta={
-                "tokens_seen": step * tokens_per_step,
-                "layout": layout_of(groups, cfg),
-                "loader": loader.state_dict(),
-                "healthy": True,  # every weight and moment finite: retention keeps the newest such one
-            },
-            config_yaml=config_yaml,
-            tokenizer_dir=data.tokenizer_dir,
-            keep_last=cfg.checkpoint.keep_last,
-            keep_every=cfg.checkpoint.keep_every,
-            is_writer=groups.rank == 0,
-            rank=groups.rank,
-            barrier=dist.barrier,
-            saves=saves,
-        )
-        if is_logger:
-            how = "training blocked; written in the background" if saves else "written"
-            print(f"checkpoint {folder.name}: {time.perf_counter() - tic:.2f} s ({how})", flush=True)
-        return folder
 
-    saves = AsyncSaves() if cfg.checkpoint.async_save else None
-    start = 0
-    if resume is not None:
-        tic = time.perf_counter()
-        start, meta = restore_checkpoint(resume, engine, loader, groups, cfg)
-        if is_logger:
-            drop_metrics_after(run_dir / "metrics.jsonl", start)
-            saved = meta["layout"]
-            changed = "" if saved == layout_of(groups, cfg) else f", resharded from layout {saved}"
-            took = time.perf_counter() - tic
-            print(f"resumed from {resume} at step {start}{changed} ({took:.2f} s)", flush=True)
-    logger = MetricsLogger(run_dir, enabled=is_logger, total_steps=t.steps, start_step=start, tracker=tracker)
-
-    metrics: dict[str, Any] = {}
-    eval_metrics: dict[str, float] = {}
-    last_ckpt = None
+def _resume(ckpt: Checkpointer, folder: Path, run_dir: Path, *, announce: bool) -> int:
+    """Restore checkpoint `folder` (`Checkpointer.restore`); the step it holds."""
     tic = time.perf_counter()
-    watch = PreemptionWatch(device)
-    guard = StepGuard(engine, watch, device)
+    start, meta = ckpt.restore(folder)
+    if announce:
+        drop_metrics_after(run_dir / "metrics.jsonl", start)
+        saved = meta["layout"]
+        changed = "" if saved == layout_of(ckpt.groups, ckpt.cfg) else f", resharded from layout {saved}"
+        took = time.perf_counter() - tic
+        print(f"resumed from {folder} at step {start}{changed} ({took:.2f} s)", flush=True)
+    return start
+
+
+def _loop(run: _Run, start: int) -> TrainResult:
+    """The training steps after step `start`, the final evaluation and checkpoint."""
+    cfg, t, logger, ckpt = run.cfg, run.cfg.train, run.logger, run.ckpt
+    metrics: dict[str, Any] = {}
+    tic = time.perf_counter()
+    watch = PreemptionWatch(run.device)
+    guard = StepGuard(run.engine, watch, run.device)
     nonfinite = NonFiniteSteps(t.on_nonfinite, t.max_nonfinite_skips, logger)
-    if meter is not None:
-        meter.reset_peak()  # the training steps' peak, not the weights' construction
+    if run.meter is not None:
+        run.meter.reset_peak()  # the training steps' peak, not the weights' construction
     with watch:
-        for step in range(start + 1, t.steps + 1):
+        step = start
+        while step < t.steps:
+            step += 1
             log_now = step % t.log_every == 0 or step == t.steps
-            metrics = train_step(engine, loader.next_step(), cfg, groups, log_now=log_now, guard=guard)
+            metrics = train_step(
+                run.engine, run.loader.next_step(), cfg, run.groups, log_now=log_now, guard=guard
+            )
             what, preempted = guard.end()
             if nonfinite.after_step(step, what):
-                return stop_on_nonfinite(nonfinite, step, run_dir, saves, logger, lr=cfg.optim.lr)
+                ckpt.close()  # an earlier, healthy checkpoint still being written
+                logger.close(status="FAILED")
+                healthy = ckpt.newest_healthy()
+                message = nonfinite.stop_message(step, healthy, cfg.optim.lr)
+                return TrainResult(run.run_dir, step, {}, {}, healthy, nonfinite=message)
             if log_now:
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                elapsed = time.perf_counter() - tic
-                steps_done = t.log_every if step % t.log_every == 0 else step % t.log_every
-                tps = tokens_per_step * steps_done / elapsed
-                beta = cfg.finetune.distill_weight
-                objective = metrics["joint_loss"]
-                if "distill_kl" in metrics:
-                    objective = (1 - beta) * objective + beta * metrics["distill_kl"]
-                metrics |= {
-                    "loss": objective + cfg.model.cp.aux_loss_weight * metrics["aux_loss"],
-                    "lr": engine.get_lr()[0],
-                    "tokens_per_s": tps,
-                    "tokens_seen": step * tokens_per_step,
-                } | nonfinite.metrics()
-                skipped = getattr(loader, "skipped_shards", None)
-                if skipped is not None:
-                    metrics["data_skipped_shards"] = skipped
-                if step == t.log_every or step == t.steps:
-                    metrics["optim_state_mib_rank0"] = optimizer_state_bytes(engine) / 2**20
-                if peak is not None:
-                    metrics["mfu"] = tps * flops.model / (peak * groups.world_size)
-                    metrics["hfu"] = tps * flops.hardware / (peak * groups.world_size)
-                    metrics["max_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-                if t.measure_memory:
-                    metrics["measured_memory_gib"] = measured_peak_gib(meter, device)
+                metrics |= (
+                    _logged_metrics(run, metrics, step, time.perf_counter() - tic) | nonfinite.metrics()
+                )
                 logger.log(step, metrics)
                 tic = time.perf_counter()
-            if t.eval_every and step % t.eval_every == 0 and step != t.steps and valid:
-                logger.log(step, evaluate(engine, valid, cfg, groups))
-            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
-                last_ckpt = checkpoint(step) or last_ckpt
-            if saves is not None:
-                saves.poll()
+            if t.eval_every and step % t.eval_every == 0 and step != t.steps and run.valid:
+                logger.log(step, evaluate(run.engine, run.valid, cfg, run.groups))
+            ckpt.save_if_due(step)
             if preempted:
-                if last_ckpt is None or not last_ckpt.name.endswith(f"{step:07d}"):
-                    last_ckpt = checkpoint(step) or last_ckpt
-                if saves is not None:
-                    saves.close()
-                if is_logger:
-                    print(f"preempted: checkpoint {last_ckpt} saved after step {step}", flush=True)
+                last = ckpt.ensure_saved(step)
+                ckpt.close()
+                if run.groups.rank == 0:
+                    print(f"preempted: checkpoint {last} saved after step {step}", flush=True)
                 logger.close(status="KILLED")
-                return TrainResult(run_dir, step, metrics, {}, last_ckpt, preempted=True)
-    if valid:
-        eval_metrics = evaluate(engine, valid, cfg, groups)
+                return TrainResult(run.run_dir, step, metrics, {}, last, preempted=True)
+    eval_metrics: dict[str, float] = {}
+    if run.valid:
+        eval_metrics = evaluate(run.engine, run.valid, cfg, run.groups)
         logger.log(t.steps, eval_metrics)
-    if last_ckpt is None or not last_ckpt.name.endswith(f"{t.steps:07d}"):
-        last_ckpt = checkpoint(t.steps) or last_ckpt
-    if saves is not None:
-        saves.close()
+    last = ckpt.ensure_saved(t.steps)
+    ckpt.close()
     logger.close()
-    return TrainResult(run_dir, t.steps, metrics, eval_metrics, last_ckpt)
+    return TrainResult(run.run_dir, t.steps, metrics, eval_metrics, last)
+
+
+def _logged_metrics(run: _Run, metrics: dict[str, Any], step: int, elapsed: float) -> dict[str, Any]:
+    """What a logging step adds to `train_step`'s metrics: the objective, learning rate, throughput, MFU,
+    memory, skipped shards; `elapsed` seconds since the previous logged step."""
+    cfg, t, device = run.cfg, run.cfg.train, run.device
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    steps_done = t.log_every if step % t.log_every == 0 else step % t.log_every
+    tps = run.tokens_per_step * steps_done / elapsed
+    beta = cfg.finetune.distill_weight
+    objective = metrics["joint_loss"]
+    if "distill_kl" in metrics:
+        objective = (1 - beta) * objective + beta * metrics["distill_kl"]
+    out = {
+        "loss": objective + cfg.model.cp.aux_loss_weight * metrics["aux_loss"],
+        "lr": run.engine.get_lr()[0],
+        "tokens_per_s": tps,
+        "tokens_seen": step * run.tokens_per_step,
+    }
+    skipped = getattr(run.loader, "skipped_shards", None)
+    if skipped is not None:
+        out["data_skipped_shards"] = skipped
+    if step == t.log_every or step == t.steps:
+        out["optim_state_mib_rank0"] = optimizer_state_bytes(run.engine) / 2**20
+    peak = peak_flops(device, t.peak_tflops)
+    if peak is not None:
+        flops = flops_per_token(cfg.model, freeze_trunk=cfg.finetune.freeze_trunk)
+        world = run.groups.world_size
+        out["mfu"] = tps * flops.model / (peak * world)
+        out["hfu"] = tps * flops.hardware / (peak * world)
+        out["max_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    if t.measure_memory:
+        out["measured_memory_gib"] = measured_peak_gib(run.meter, device)
+    return out
