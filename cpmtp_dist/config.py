@@ -181,6 +181,20 @@ class TrainConfig:
     batch."""
     max_nonfinite_skips: int = 10
     """With `on_nonfinite=skip`: stop after this many non-finite steps in a row."""
+    spike_rewind: bool = False
+    """Rewind loss spikes: when the step's loss exceeds the running mean of the last `spike_window` steps by
+    more than `spike_sigmas` running standard deviations in `spike_steps` steps in a row, reload the newest
+    healthy checkpoint saved before the spike, delete the newer ones, and go on with the batches after the
+    spike (those between the checkpoint and the spike are skipped); logged as a `spike_rewind` event
+    (`training/spikes.py`). Needs `checkpoint.every`."""
+    spike_sigmas: float = 6.0
+    """How many running standard deviations above the running mean make a step's loss a spike."""
+    spike_steps: int = 3
+    """Spiking steps in a row that confirm a spike (a single noisy step is not one)."""
+    spike_window: int = 50
+    """Steps of running statistics; nothing is called a spike before the window is full."""
+    spike_max_rewinds: int = 5
+    """Rewinds in one run (since its start or resume); the next confirmed spike stops training (status 4)."""
     peak_tflops: float = 0.0
     """Dense bf16 peak of one GPU in TFLOP/s, for MFU; 0: the built-in table by GPU name (A100, H100, H200 in
     their SXM, PCIe and NVL variants, GH200, B200, L40S, A10). Set it for a GPU the table lacks."""

@@ -487,6 +487,28 @@ def _check_optim(c: _Checker) -> None:
         c.add(f"optim.eps={opt.eps} must be > 0: e.g. 1e-8")
 
 
+def _check_spike_settings(c: _Checker) -> None:
+    train = c.cfg.train
+    if not train.spike_rewind:
+        return
+    if c.ok("train.spike_sigmas") and not train.spike_sigmas > 0:
+        c.add(
+            f"train.spike_sigmas={train.spike_sigmas} must be positive: a number of standard deviations, e.g. 6"
+        )
+    for name in ("spike_steps", "spike_max_rewinds"):
+        if c.ok(f"train.{name}") and getattr(train, name) < 1:
+            c.add(f"train.{name}={getattr(train, name)} must be at least 1")
+    if c.ok("train.spike_window") and train.spike_window < 2:
+        c.add(
+            f"train.spike_window={train.spike_window} must be at least 2: the running statistics need 2 steps"
+        )
+    if c.ok("checkpoint.every") and c.cfg.checkpoint.every <= 0:
+        c.add(
+            "train.spike_rewind=true rewinds to a checkpoint, but checkpoint.every="
+            f"{c.cfg.checkpoint.every} saves none during training: set checkpoint.every (e.g. 100)"
+        )
+
+
 def _check_train_and_data(c: _Checker) -> None:
     train, data, trunk = c.cfg.train, c.cfg.data, c.cfg.model.trunk
     if c.positive("train.global_batch_size", "train.micro_batch_size"):
@@ -500,6 +522,7 @@ def _check_train_and_data(c: _Checker) -> None:
             f"train.max_nonfinite_skips={train.max_nonfinite_skips} must be at least 1: it is how many non-finite "
             "steps in a row end a run with train.on_nonfinite=skip"
         )
+    _check_spike_settings(c)
     if c.ok("data.heldout_fraction") and not 0 < data.heldout_fraction <= 0.5:
         c.add(
             f"data.heldout_fraction={data.heldout_fraction} is outside (0, 0.5]: set it to a small fraction such as 0.02"

@@ -30,6 +30,9 @@ RESUMABLE = (
     "train.eval_batches",
     "train.measure_memory",
     "train.peak_tflops",
+    "train.on_nonfinite",  # how divergence is handled
+    "train.max_nonfinite_skips",
+    "train.spike_",
     "model.trunk.attention",  # implementations of the same function
     "model.cp.loss_impl",
     "model.cp.chunk_tokens",

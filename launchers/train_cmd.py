@@ -195,11 +195,11 @@ def run_train(args: argparse.Namespace) -> int:
             tracker.discard()
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if result.nonfinite is not None:
+    if result.diverged is not None:
         from cpmtp_dist.training.nonfinite import NONFINITE_EXIT_CODE
 
         if is_rank0:
-            print(f"error: {result.nonfinite}", file=sys.stderr)
+            print(f"error: {result.diverged}", file=sys.stderr)
         return NONFINITE_EXIT_CODE
     if result.preempted:
         from cpmtp_dist.training.preemption import PREEMPTED_EXIT_CODE

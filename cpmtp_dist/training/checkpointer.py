@@ -170,6 +170,7 @@ class Checkpointer:
         """Delete this run's checkpoints of steps after `step` (a rewind abandons them) and point `latest` at
         step `step`'s; returns their names."""
         self.wait()
+        _barrier()  # every rank has chosen what to rewind to before anything is deleted
         gone = [p.name for p in complete_checkpoints(self.root) if int(p.name.removeprefix("step_")) > step]
         if self.is_writer:
             for name in gone:

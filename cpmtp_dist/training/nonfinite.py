@@ -1,10 +1,11 @@
 """Non-finite losses and gradients (`train.on_nonfinite`), and the finiteness check before a checkpoint.
 
-Note: one decision per step, on every rank alike, with one host synchronisation. The ranks all-reduce (MAX)
-three flags in one tensor: the step's loss is not finite (each rank's own loss sums: its dp share, and
-under pp only the last stage holds them), its gradient is not finite, a stop signal arrived
-(`PreemptionWatch`). That exchange replaces the preemption watch's own per-step all-reduce, so a step
-synchronises no more than before. It happens where the update is decided, in the torch optimizer's `step`
+Note: one decision per step, on every rank alike, with one host synchronisation. The ranks all-reduce (SUM)
+one small tensor: three flags (the step's loss is not finite: each rank's own loss sums, its dp share, and
+under pp only the last stage holds them; its gradient is not finite; a stop signal arrived, from
+`PreemptionWatch`), any positive sum meaning yes, and the step's summed joint loss, from which every rank
+gets the step's mean loss (`train.spike_rewind` watches it: `training/spikes.py`). That exchange replaces the
+preemption watch's own per-step all-reduce, so a step synchronises no more than before. It happens where the update is decided, in the torch optimizer's `step`
 (`SkippableAdamW`), before anything changes: a non-finite step applies no update on any rank. DeepSpeed's
 optimizer wrappers (bf16 at every ZeRO stage, fp32 at ZeRO-1/2) already skip the update on a non-finite
 global gradient norm, reduced over all ranks, and then never call the torch optimizer; the exchange is then
@@ -16,8 +17,10 @@ dp-reduced) are checked there.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +31,8 @@ from cpmtp_dist.parallel.collectives import all_reduce_
 from cpmtp_dist.training.preemption import PreemptionWatch
 
 NONFINITE_EXIT_CODE = 4
-"""`cpmtp train`'s exit status when training stopped on a non-finite loss or gradient."""
+"""`cpmtp train`'s exit status when training diverged: it stopped on a non-finite loss or gradient, or on a loss
+spike that `train.spike_max_rewinds` rewinds did not cure."""
 
 
 class SkippableAdamW(torch.optim.AdamW):
@@ -42,21 +46,37 @@ class SkippableAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-def _world_max(flags: torch.Tensor) -> list[float]:
+def _world_reduce(values: torch.Tensor, op: dist.ReduceOp) -> list[float]:
     if dist.is_initialized() and dist.get_world_size() > 1:
-        all_reduce_(flags, op=dist.ReduceOp.MAX)
-    return flags.tolist()  # the one host synchronisation
+        all_reduce_(values, op=op)
+    return values.tolist()  # the one host synchronisation
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """What `StepGuard.end` says of the step just taken, the same on every rank."""
+
+    nonfinite: str | None
+    """What was not finite ("loss", "gradient norm"), or None if all was (then the update was applied)."""
+    preempted: bool
+    """A stop signal arrived on some rank."""
+    loss: float
+    """The step's mean joint loss over all its positions (NaN when not finite)."""
 
 
 class StepGuard:
     """Decides, once per step and identically on every rank, whether the step's update is applied, and
     reports whether a stop signal arrived (see the module's note).
 
-    `train_step` calls `begin(losses)` with the tensors that accumulate the step's loss sums, before the
-    optimizer step; the trainer calls `end()` after it.
+    `train_step` calls `begin(losses, positions)` with the tensors that accumulate the step's loss sums (the
+    joint loss's first) and the step's position count over all dp ranks, before the optimizer step; the
+    trainer calls `end()` after it. `loss_copies` is how many ranks hold each dp rank's loss sums (tp: tensor-
+    parallel peers compute the same loss).
     """
 
-    def __init__(self, engine: Any, watch: PreemptionWatch, device: torch.device) -> None:
+    def __init__(
+        self, engine: Any, watch: PreemptionWatch, device: torch.device, *, loss_copies: int = 1
+    ) -> None:
         self.engine = engine
         self.watch = watch
         self.device = device
@@ -68,11 +88,13 @@ class StepGuard:
         # Only without a DeepSpeed wrapper are the gradients unchecked when the torch optimizer steps.
         self.check_grads = engine.optimizer is self.base
         self.base.allow_step = self._allow_step
+        self.loss_copies = loss_copies
         self._losses: list[torch.Tensor] = []
+        self._positions: torch.Tensor | None = None
         self._agreed: list[float] | None = None
 
-    def begin(self, losses: list[torch.Tensor]) -> None:
-        self._losses, self._agreed = losses, None
+    def begin(self, losses: list[torch.Tensor], positions: torch.Tensor | None = None) -> None:
+        self._losses, self._positions, self._agreed = losses, positions, None
 
     def _flags(self, grad_bad: bool) -> list[float]:
         zero = torch.zeros((), device=self.device)
@@ -83,26 +105,31 @@ class StepGuard:
             if grads:
                 grad = (~torch.stack(torch._foreach_norm(grads)).sum().isfinite()).float()
         signal = 0.0 if self.watch.received is None else 1.0
-        flags = torch.stack([(~loss.isfinite()).float().to(self.device), grad.float(), zero + signal])
-        return _world_max(flags)
+        mean = (
+            zero.double()
+        )  # this rank's share of the step's mean joint loss; the sum over ranks is the mean
+        if self._losses and self._positions is not None:
+            mean = self._losses[0].double().to(self.device) / self._positions.clamp(min=1) / self.loss_copies
+        bad = (~loss.isfinite()).float().to(self.device)
+        values = torch.stack([bad.double(), grad.double(), zero.double() + signal, mean])
+        return _world_reduce(values, dist.ReduceOp.SUM)
 
     def _allow_step(self) -> bool:
         if self._agreed is None:  # the first call of the step (ZeRO calls it once per parameter group)
             self._agreed = self._flags(grad_bad=False)
         return not (self._agreed[0] or self._agreed[1])
 
-    def end(self) -> tuple[str | None, bool]:
-        """What was not finite in the step just taken ("loss", "gradient norm", or None if all was), and
-        whether a stop signal arrived on any rank; the same on every rank. Collective."""
+    def end(self) -> StepOutcome:
+        """The outcome of the step just taken, the same on every rank. Collective."""
         if self._agreed is None:  # DeepSpeed skipped the update itself: a non-finite gradient norm
             self._agreed = self._flags(grad_bad=True)
             with warnings.catch_warnings():  # torch's "before optimizer.step()": the skip is the intent
                 warnings.simplefilter("ignore", UserWarning)
                 self.engine.lr_scheduler.step()  # DeepSpeed held it back; keep it at the step number
-        loss_bad, grad_bad, signal = self._agreed
-        self._losses, self._agreed = [], None
+        loss_bad, grad_bad, signal, loss = self._agreed
+        self._losses, self._positions, self._agreed = [], None, None
         what = "loss" if loss_bad else "gradient norm" if grad_bad else None
-        return what, bool(signal)
+        return StepOutcome(what, bool(signal), loss if math.isfinite(loss) else math.nan)
 
 
 class NonFiniteSteps:
@@ -165,7 +192,7 @@ def state_is_finite(engine: Any, device: torch.device) -> bool:
     tensors += [v for st in base.state.values() for v in st.values() if torch.is_tensor(v)]
     finite = torch.stack([t.detach().isfinite().all().to(device) for t in tensors]).all()
     bad = (~finite).float().reshape(1)
-    return not _world_max(bad)[0]
+    return not _world_reduce(bad, dist.ReduceOp.MAX)[0]
 
 
 def ready_to_save(engine: Any, device: torch.device, step: int, *, announce: bool) -> bool:

@@ -56,6 +56,7 @@ from cpmtp_dist.training.metrics import MetricsLogger, entropy, peak_flops
 from cpmtp_dist.training.nonfinite import NonFiniteSteps, StepGuard
 from cpmtp_dist.training.optim import build_engine
 from cpmtp_dist.training.preemption import PreemptionWatch
+from cpmtp_dist.training.spikes import Spike, SpikeWatch
 from cpmtp_dist.training.tracking import Tracker, maybe_build_tracker, run_files
 
 
@@ -68,9 +69,9 @@ class TrainResult:
     checkpoint: Path | None
     preempted: bool = False
     """The run stopped early on SIGTERM / SIGUSR2, after saving `checkpoint`."""
-    nonfinite: str | None = None
-    """Why the run stopped at a non-finite step (`train.on_nonfinite`), naming the newest healthy checkpoint
-    (`checkpoint`) and what to try; None if it did not."""
+    diverged: str | None = None
+    """Why the run stopped diverging (a non-finite step, `train.on_nonfinite`; or a loss spike after
+    `train.spike_max_rewinds` rewinds), naming the step and what to try; None if it did not."""
 
 
 def resolve_precision(cfg: Config) -> tuple[torch.device, torch.dtype]:
@@ -184,7 +185,7 @@ def train_step(
     scale = groups.dp_size / count  # a tensor: no host sync
     sums = StatSums(n, cfg.model.cp.rank, device)
     if guard is not None:
-        guard.begin([sums.loss, sums.aux, sums.kl])  # filled in place by the micro-batches
+        guard.begin([sums.loss, sums.aux, sums.kl], count)  # filled in place by the micro-batches
     if groups.pp_size > 1:
         _pipeline_forward_backward(engine, pairs, cfg, scale=scale, sums=sums, with_accuracy=log_now)
         engine.step()
@@ -526,8 +527,11 @@ def _loop(run: _Run, start: int) -> TrainResult:
     metrics: dict[str, Any] = {}
     tic = time.perf_counter()
     watch = PreemptionWatch(run.device)
-    guard = StepGuard(run.engine, watch, run.device)
+    guard = StepGuard(run.engine, watch, run.device, loss_copies=run.groups.tp_size)
     nonfinite = NonFiniteSteps(t.on_nonfinite, t.max_nonfinite_skips, logger)
+    spikes = None
+    if t.spike_rewind:
+        spikes = SpikeWatch(t.spike_sigmas, t.spike_steps, t.spike_window, t.spike_max_rewinds)
     if run.meter is not None:
         run.meter.reset_peak()  # the training steps' peak, not the weights' construction
     with watch:
@@ -538,23 +542,28 @@ def _loop(run: _Run, start: int) -> TrainResult:
             metrics = train_step(
                 run.engine, run.loader.next_step(), cfg, run.groups, log_now=log_now, guard=guard
             )
-            what, preempted = guard.end()
-            if nonfinite.after_step(step, what):
-                ckpt.close()  # an earlier, healthy checkpoint still being written
-                logger.close(status="FAILED")
-                healthy = ckpt.newest_healthy()
-                message = nonfinite.stop_message(step, healthy, cfg.optim.lr)
-                return TrainResult(run.run_dir, step, {}, {}, healthy, nonfinite=message)
+            outcome = guard.end()
+            if nonfinite.after_step(step, outcome.nonfinite):
+                healthy = ckpt.newest_healthy()  # an earlier checkpoint being written is finished first
+                return _diverged(run, step, healthy, nonfinite.stop_message(step, healthy, cfg.optim.lr))
             if log_now:
                 metrics |= (
                     _logged_metrics(run, metrics, step, time.perf_counter() - tic) | nonfinite.metrics()
                 )
                 logger.log(step, metrics)
                 tic = time.perf_counter()
+            spike = spikes.observe(step, outcome.loss) if spikes is not None else None
+            if spike is not None:
+                back_to = _rewind(run, spikes, spike)
+                if back_to is None:
+                    message = spikes.stop_message(spike, cfg.optim.lr)
+                    return _diverged(run, step, ckpt.newest_healthy(before=spike.first_step), message)
+                step, tic = back_to, time.perf_counter()
+                continue
             if t.eval_every and step % t.eval_every == 0 and step != t.steps and run.valid:
                 logger.log(step, evaluate(run.engine, run.valid, cfg, run.groups))
             ckpt.save_if_due(step)
-            if preempted:
+            if outcome.preempted:
                 last = ckpt.ensure_saved(step)
                 ckpt.close()
                 if run.groups.rank == 0:
@@ -569,6 +578,44 @@ def _loop(run: _Run, start: int) -> TrainResult:
     ckpt.close()
     logger.close()
     return TrainResult(run.run_dir, t.steps, metrics, eval_metrics, last)
+
+
+def _diverged(run: _Run, step: int, healthy: Path | None, message: str) -> TrainResult:
+    """End training at step `step` without a checkpoint of it: the run diverged (`TrainResult.diverged`)."""
+    run.ckpt.close()
+    run.logger.close(status="FAILED")
+    return TrainResult(run.run_dir, step, {}, {}, healthy, diverged=message)
+
+
+def _rewind(run: _Run, spikes: SpikeWatch, spike: Spike) -> int | None:
+    """Rewind a confirmed loss spike (`training/spikes.py`): reload the newest healthy checkpoint saved before
+    it and delete the newer ones; the loader stays where it is. Returns the step training goes on after: the
+    checkpoint's, or the spike's own when no checkpoint precedes it (a warning); None when the rewinds allowed
+    are used up."""
+    if spikes.rewinds >= spikes.max_rewinds:
+        return None
+    announce = run.groups.rank == 0
+    target = run.ckpt.newest_healthy(before=spike.first_step)
+    if target is None:
+        if announce:
+            print(
+                f"warning: step {spike.step}: loss spike, but no checkpoint before step {spike.first_step}",
+                flush=True,
+            )
+        run.logger.log(spike.step, spikes.event(spike, None, []))
+        return spike.step
+    discarded = run.ckpt.discard_after(int(target.name.removeprefix("step_")))
+    back_to, _ = run.ckpt.restore(target, data=False)
+    spikes.rewinds += 1
+    run.logger.log(spike.step, spikes.event(spike, back_to, discarded))
+    if announce:
+        print(
+            f"step {spike.step}: loss spike since step {spike.first_step} ({spike.loss:.4f}, running mean "
+            f"{spike.mean:.4f} ± {spike.std:.4f}): rewound to {target.name}, skipping the data of steps "
+            f"{back_to + 1}-{spike.step}" + (f"; deleted {', '.join(discarded)}" if discarded else ""),
+            flush=True,
+        )
+    return back_to
 
 
 def _logged_metrics(run: _Run, metrics: dict[str, Any], step: int, elapsed: float) -> dict[str, Any]:

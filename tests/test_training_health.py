@@ -1,6 +1,8 @@
-"""Non-finite steps (`train.on_nonfinite`): a poisoned step applies no update; `stop` ends the run with exit
-status 4 and a message, `skip` goes on; no checkpoint holds non-finite numbers, and retention keeps the newest
-healthy one. In-process training of the tiny model of tests/test_trainer.py."""
+"""Training health. Non-finite steps (`train.on_nonfinite`): a poisoned step applies no update; `stop` ends
+the run with exit status 4 and a message, `skip` goes on; no checkpoint holds non-finite numbers, and retention
+keeps the newest healthy one. Loss spikes (`train.spike_rewind`): a run fed poisoned batches rewinds to the
+checkpoint before the spike and ends as a run that skipped those batches. A failing run releases its checkpoint
+writer, metrics logger and tracker. In-process training of the tiny model of tests/test_trainer.py."""
 
 from __future__ import annotations
 
@@ -99,7 +101,7 @@ def test_skip_leaves_the_weights_and_goes_on(tmp_path, monkeypatch, zero):
     poison(monkeypatch, gradient_steps={1, 3})
     settings = ["train.steps=5", "checkpoint.every=1", "checkpoint.keep_last=5", f"optim.zero_stage={zero}"]
     result, rows = train(tmp_path, *settings, "train.on_nonfinite=skip")
-    assert result.nonfinite is None and result.final_step == 5
+    assert result.diverged is None and result.final_step == 5
     ckpts = tmp_path / "run" / "checkpoints"
     state = {s: read_model_state(ckpts / f"step_000000{s}", "") for s in (2, 3, 4)}
     for key, t in state[2].items():
@@ -125,9 +127,9 @@ def test_max_nonfinite_skips_in_a_row_stop(tmp_path, monkeypatch):
     result, rows = train(tmp_path, *settings, "checkpoint.every=3")
     assert result.final_step == 5  # not at 4: step 3 was finite, so 2 and 4 are not in a row
     assert "step 5: the gradient norm is not finite, in 2 steps in a row (train.max_nonfinite_skips=2)" in (
-        result.nonfinite
+        result.diverged
     )
-    assert "train.on_nonfinite=skip to skip" not in result.nonfinite  # it is set already
+    assert "train.on_nonfinite=skip to skip" not in result.diverged  # it is set already
     assert result.checkpoint == tmp_path / "run" / "checkpoints" / "step_0000003"
     assert [r["nonfinite_skips"] for r in rows if "nonfinite" in r] == [1, 2, 3]
 
@@ -139,7 +141,7 @@ def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch, capsys):
     result, rows = train(tmp_path, "train.steps=4", "checkpoint.every=1", "checkpoint.keep_last=1")
     assert "step 2: weights or optimizer moments not finite: no checkpoint" in capsys.readouterr().out
     ckpts = tmp_path / "run" / "checkpoints"
-    assert result.final_step == 3 and "step 3: the loss is not finite" in result.nonfinite
+    assert result.final_step == 3 and "step 3: the loss is not finite" in result.diverged
     assert (ckpts / "latest").read_text() == "step_0000001" and result.checkpoint == ckpts / "step_0000001"
     assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_0000001"]
     assert json.loads((ckpts / "step_0000001" / "meta.json").read_text())["healthy"] is True
@@ -188,16 +190,19 @@ def test_the_local_launcher_passes_status_4_on(monkeypatch, tmp_path):
 class FakeTracker:
     """Records what the trainer does with its MLflow tracker."""
 
-    rows_logged = 0
-
     def __init__(self) -> None:
         self.ended: str | None = None
+        self.rows: list[dict] = []
+
+    @property
+    def rows_logged(self) -> int:
+        return len(self.rows)
 
     def add_files(self, files) -> None:
         pass
 
     def log_metrics(self, step, row) -> None:
-        self.rows_logged += 1
+        self.rows.append(row)
 
     def close(self, status: str = "FINISHED") -> None:
         self.ended = status
@@ -239,3 +244,96 @@ def test_a_run_that_raises_releases_its_writer_logger_and_tracker(tmp_path, monk
     with pytest.raises(OSError, match="disk"):
         trainer.train(cfg, tmp_path / "run2", tracker=tracker)
     assert tracker.ended == "discarded"
+
+
+def feed(monkeypatch, poisoned=(), dropped=()) -> dict[str, set[int]]:
+    """Replace the batches of the loader's `poisoned` steps (counted from 1 as the loader serves them) by
+    uniformly random tokens, and throw away the batches of its `dropped` steps unseen. Returns the two sets,
+    which a test may change before its next run."""
+    plan = {"poisoned": set(poisoned), "dropped": set(dropped)}
+    real = trainer.build_training_data
+
+    def build(cfg, **kwargs):
+        data = real(cfg, **kwargs)
+        serve, served = data.loader.next_step, [0]
+
+        def next_step():
+            served[0] += 1
+            while served[0] in plan["dropped"]:
+                serve()
+                served[0] += 1
+            batches = serve()
+            if served[0] in plan["poisoned"]:
+                g = torch.Generator().manual_seed(served[0])
+                batches = [torch.randint(0, 512, b.shape, generator=g) for b in batches]
+            return batches
+
+        data.loader.next_step = next_step
+        return data
+
+    monkeypatch.setattr(trainer, "build_training_data", build)
+    return plan
+
+
+SPIKES = [
+    "train.steps=20",
+    "checkpoint.every=3",
+    "train.spike_window=4",
+    "train.spike_sigmas=3",
+    "train.spike_steps=3",
+]
+
+
+def test_a_spike_rewinds_to_the_checkpoint_before_it_and_skips_its_batches(tmp_path, monkeypatch):
+    """Steps 14-16 read random tokens: their loss jumps (about 18.2 against a running mean of 17.6); step 16
+    confirms the spike, the run reloads step 12's checkpoint, deletes step 15's (saved inside the spike) and
+    trains steps 13-20 on the batches after the spike. It ends exactly as a run that never saw the batches
+    of steps 13-16."""
+    plan = feed(monkeypatch, poisoned={14, 15, 16})
+    cfg = load_config("configs/tiny.yaml", [*SMALL, *SPIKES, "train.spike_rewind=true"])
+    validate_config(cfg, world_size=1, cuda_available=False)
+    tracker = FakeTracker()
+    rewound = trainer.train(cfg, tmp_path / "rewound", tracker=tracker)
+    rows = metrics(tmp_path / "rewound")
+    [event] = [r for r in rows if "event" in r]
+    assert event["event"] == "spike_rewind" and event["step"] == 16 and event["spike_first_step"] == 14
+    assert event["rewound_to"] == 12 and event["discarded_checkpoints"] == ["step_0000015"]
+    assert event["spike_loss"] > event["spike_running_mean"] + 3 * event["spike_running_std"]
+    assert [r["step"] for r in rows if "loss" in r] == [*range(1, 17), *range(13, 21)]
+    assert any(r.get("spike_rewinds") == 1 for r in tracker.rows)  # the event reaches MLflow as well
+    assert rewound.diverged is None and rewound.final_step == 20
+    assert "health events: spike_rewind x1; the last: step 16 spike_rewind" in run_status(
+        tmp_path / "rewound"
+    )
+
+    plan.update(poisoned=set(), dropped={13, 14, 15, 16})
+    cfg = load_config("configs/tiny.yaml", [*SMALL, *SPIKES])
+    skipped = trainer.train(cfg, tmp_path / "skipped")
+    assert rewound.eval_metrics == skipped.eval_metrics
+    got = read_model_state(tmp_path / "rewound" / "checkpoints" / "step_0000020", "")
+    want = read_model_state(tmp_path / "skipped" / "checkpoints" / "step_0000020", "")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_spikes_that_rewinds_do_not_cure_stop_the_run(tmp_path, monkeypatch, capsys):
+    """Every batch from step 14 on is random: the rewind to step 12 meets more of them, and with
+    train.spike_max_rewinds=1 the second spike stops the run (status 4 through `cpmtp train`)."""
+    feed(monkeypatch, poisoned=set(range(14, 40)))
+    run = tmp_path / "run"
+    argv = ["train", "--config", "configs/tiny.yaml", "--run-dir", str(run), "--tracking-uri", "none"]
+    settings = [*SPIKES, "train.spike_rewind=true", "train.spike_max_rewinds=1"]
+    assert cli_main([*argv, *SMALL, *settings]) == NONFINITE_EXIT_CODE
+    err = capsys.readouterr().err
+    assert "step 15: the loss" in err and "since step 13, after 1 rewinds (train.spike_max_rewinds=1)" in err
+    assert "optim.lr" in err
+    assert (run / "checkpoints" / "latest").read_text() == "step_0000012"
+    assert [r["event"] for r in metrics(run) if "event" in r] == ["spike_rewind"]
+
+
+def test_spike_settings_are_validated():
+    with pytest.raises(
+        ConfigError, match=r"train.spike_rewind=true rewinds to a checkpoint, but checkpoint.every=0"
+    ):
+        validate_config(load_config(None, ["train.spike_rewind=true", "checkpoint.every=0"]), world_size=1)
+    with pytest.raises(ConfigError, match=r"train.spike_window=1 must be at least 2"):
+        validate_config(load_config(None, ["train.spike_rewind=true", "train.spike_window=1"]), world_size=1)
