@@ -378,7 +378,17 @@ def build_parser() -> argparse.ArgumentParser:
         prog="cpmtp", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = p.add_subparsers(dest="command", required=True)
+    _training_parsers(sub)
+    _plan_parser(sub)
+    _submit_parser(sub)
+    _inference_parsers(sub)
+    _convert_parser(sub)
+    _data_parsers(sub)
+    return p
 
+
+def _training_parsers(sub: argparse._SubParsersAction) -> None:
+    """`cpmtp train` and `cpmtp status`."""
     t = sub.add_parser("train", help="train a CP multi-token model")
     add_train_arguments(t)
     t.set_defaults(fn=run_train)
@@ -389,6 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("run_dir", help="the run directory (--run-dir of cpmtp train)")
     st.set_defaults(fn=_status)
 
+
+def _plan_parser(sub: argparse._SubParsersAction) -> None:
     pl = sub.add_parser(
         "plan",
         help="memory per GPU, FLOPs per token and the layouts that fit a cluster, from the config alone",
@@ -407,6 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pl.set_defaults(fn=_plan)
 
+
+def _submit_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser(
         "submit",
         help="train on Slurm through submitit: one task per GPU, checkpoint and requeue before the time limit",
@@ -440,6 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(fn=_submit)
 
+
+def _inference_parsers(sub: argparse._SubParsersAction) -> None:
+    """`cpmtp generate`, `cpmtp eval` and `cpmtp bench decode`."""
     g = sub.add_parser("generate", help="decode from a checkpoint (autoregressive or self-speculative)")
     g.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run's checkpoints/ folder")
     src = g.add_mutually_exclusive_group(required=True)
@@ -482,8 +499,9 @@ def build_parser() -> argparse.ArgumentParser:
     _tracking_args(bd)
     bd.set_defaults(fn=_bench_decode)
 
-    _convert_parser(sub)
 
+def _data_parsers(sub: argparse._SubParsersAction) -> None:
+    """`cpmtp data tokenizer` and `cpmtp data shards`."""
     d = sub.add_parser("data", help="build tokenizers and training shards").add_subparsers(
         dest="data_command", required=True
     )
@@ -513,7 +531,6 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--heldout-fraction", type=float, default=0.01, help="share of documents in valid")
     ds.add_argument("--jsonl-field", default="text", help="JSON field holding the text of a .jsonl line")
     ds.set_defaults(fn=_data_shards)
-    return p
 
 
 def _device_args(p: argparse.ArgumentParser) -> None:

@@ -23,6 +23,9 @@ SMALL = [
     "train.micro_batch_size=2",
     "train.eval_batches=2",
     "checkpoint.every=4",
+    # The spike detector's running mean is logged; it must be that of the logged losses at every layout.
+    "train.spike_rewind=true",
+    "train.spike_window=3",
 ]
 
 SEPARATE = ["model.cp.parameterisation=separate"]

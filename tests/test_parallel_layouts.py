@@ -8,6 +8,7 @@ checkpoint. The bf16 runs share one launch and track the fp32 run.
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +57,10 @@ def test_layout_matches_one_process(layout_runs, reference, name):
     for a, b in zip(train_rows, ref_train, strict=True):
         assert abs(a["loss"] - b["loss"]) <= 1e-5, (name, a["step"], a["loss"], b["loss"])
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    # The step's loss that every rank gets from the finiteness exchange (loss spikes watch it) is the logged one.
+    joint = [r["joint_loss"] for r in train_rows]
+    for k, row in enumerate(train_rows[2:], start=2):
+        assert row["spike_mean"] == pytest.approx(statistics.fmean(joint[max(0, k - 3) : k]), rel=1e-9)
     ev, ref_ev = rows[-1], ref_rows[-1]
     assert abs(ev["eval_joint_loss"] - ref_ev["eval_joint_loss"]) <= 1e-5
     assert state.keys() == ref_state.keys()

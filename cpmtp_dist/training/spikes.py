@@ -61,6 +61,14 @@ class SpikeWatch:
         self.history.append(loss)
         return None
 
+    def metrics(self) -> dict[str, float]:
+        """The running statistics for a logged row (`spike_mean`, `spike_std`), from 2 steps on: what the
+        next step's loss is compared with, to tune `train.spike_sigmas` by."""
+        if len(self.history) < 2:
+            return {}
+        mean, std = self.stats()
+        return {"spike_mean": mean, "spike_std": std}
+
     def event(self, spike: Spike, rewound_to: int | None, discarded: list[str]) -> dict[str, Any]:
         """The event row of metrics.jsonl for `spike` (rewound to step `rewound_to`, or not at all)."""
         row: dict[str, Any] = {

@@ -547,9 +547,8 @@ def _loop(run: _Run, start: int) -> TrainResult:
                 healthy = ckpt.newest_healthy()  # an earlier checkpoint being written is finished first
                 return _diverged(run, step, healthy, nonfinite.stop_message(step, healthy, cfg.optim.lr))
             if log_now:
-                metrics |= (
-                    _logged_metrics(run, metrics, step, time.perf_counter() - tic) | nonfinite.metrics()
-                )
+                metrics |= _logged_metrics(run, metrics, step, time.perf_counter() - tic)
+                metrics |= nonfinite.metrics() | (spikes.metrics() if spikes is not None else {})
                 logger.log(step, metrics)
                 tic = time.perf_counter()
             spike = spikes.observe(step, outcome.loss) if spikes is not None else None
