@@ -12,7 +12,7 @@ step, outside the timed steps), a fresh run directory, and then `--overrides` (l
 
 All launches share one `CPMTP_CACHE_DIR` (`--cache-dir`, else `$CPMTP_CACHE_DIR`, else a folder in the work
 directory), warmed first by a 1-step single-process run with the same overrides, so tokenizer training
-and tokenisation are never timed. `OMP_NUM_THREADS` is nproc // P (at least 1) for a P-process layout.
+and tokenisation are never timed (not with `--quick`: its tiny corpus is tokenised in a fraction of a second). `OMP_NUM_THREADS` is nproc // P (at least 1) for a P-process layout.
 
 Throughput: the trainer logs `tokens_per_s` (global tokens per optimizer step times the steps since the
 previous log row, over the wall time since then, on rank 0). The first logged row includes warm-up
@@ -309,6 +309,22 @@ def version(package: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
+def warm_cache(work: Path, base: list[str], args: argparse.Namespace, cache_dir: Path, nproc: int) -> int:
+    """The untimed 1-step single-process run that fills the cache (left out by --quick, whose tiny corpus
+    takes a fraction of a second to tokenise); its exit status."""
+    print("warming the cache (1-step single-process run, not timed) ...", flush=True)
+    warm = [*base, "train.steps=1", "train.log_every=1", *args.overrides]
+    rc, wall, output = run_launch(
+        1, work / "warmup", warm, cache_dir=cache_dir, threads=nproc, timeout=args.timeout
+    )
+    if rc != 0:
+        print(tail(output, 40), file=sys.stderr)
+        print(f"error: the warm-up run failed (rc={rc})", file=sys.stderr)
+        return rc
+    print(f"  warm-up done in {wall:.1f} s", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -366,16 +382,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         print(f"nproc = {nproc}; work dir {work}; cache {cache_dir}", flush=True)
-        print("warming the cache (1-step single-process run, not timed) ...", flush=True)
-        warm = [*base, "train.steps=1", "train.log_every=1", *args.overrides]
-        rc, wall, output = run_launch(
-            1, work / "warmup", warm, cache_dir=cache_dir, threads=nproc, timeout=args.timeout
-        )
-        if rc != 0:
-            print(tail(output, 40), file=sys.stderr)
-            print(f"error: the warm-up run failed (rc={rc})", file=sys.stderr)
+        if not args.quick and warm_cache(work, base, args, cache_dir, nproc) != 0:
             return 1
-        print(f"  warm-up done in {wall:.1f} s", flush=True)
 
         rows: list[dict] = []
         for name in names:

@@ -1,4 +1,5 @@
-"""Smoke test of `bench/checkpoint.py --quick`: both save modes, the same-layout resume, a well-formed result."""
+"""Smoke test of `bench/checkpoint.py --quick`: both save modes and a well-formed result (the resumes are the
+resume and reshard tests')."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def test_quick_checkpoint_benchmark(tmp_path: Path) -> None:
     for mode in ("sync", "async"):
         assert len(result[mode]["saves_s"]) == 3 and result[mode]["median_s"] > 0  # steps 2, 4, 6
     assert result["checkpoint_mb"] > 0 and result["parameters_m"] > 0
-    assert result["resume_same_s"] > 0 and result["resume_tp2_s"] is None  # --quick leaves resharding out
+    assert result["resume_same_s"] is None and result["resume_tp2_s"] is None  # --quick leaves resumes out
     text = md.read_text()
     assert (
         "kept" in text
