@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import cpmtp_dist.training.trainer as trainer
+from cpmtp_dist.checkpoint_paths import verify_checkpoint
 from cpmtp_dist.config_io import ConfigError, load_config, validate_config
 from cpmtp_dist.run_status import run_status
 from cpmtp_dist.training.checkpoint import prune_checkpoints, read_model_state
@@ -213,14 +214,15 @@ class FakeTracker:
 
 @pytest.mark.parametrize("async_save", [False, True])
 def test_a_run_that_raises_releases_its_writer_logger_and_tracker(tmp_path, monkeypatch, async_save):
-    """An exception in step 4 (after step 3's checkpoint, maybe still written in the background): the
-    exception reaches the caller, the tracker's run ends FAILED, metrics.jsonl is closed and the heartbeat
-    says failed; the checkpoint of step 2 is complete, and an unfinished save never becomes `latest`."""
+    """An exception in step 5, after step 4's checkpoint (in the background, maybe still being written: the
+    failure drops it, step 2's was finished before it began): the exception reaches the caller, the tracker's
+    run ends FAILED, metrics.jsonl is closed and the heartbeat says failed; `latest` names a complete
+    checkpoint, never an unfinished one."""
     real_step = trainer.train_step
 
     def train_step(engine, *args, **kwargs):
-        if engine.global_steps == 3:
-            raise RuntimeError("injected failure in step 4")
+        if engine.global_steps == 4:
+            raise RuntimeError("injected failure in step 5")
         return real_step(engine, *args, **kwargs)
 
     monkeypatch.setattr(trainer, "train_step", train_step)
@@ -231,11 +233,13 @@ def test_a_run_that_raises_releases_its_writer_logger_and_tracker(tmp_path, monk
     tracker = FakeTracker()
     with pytest.raises(RuntimeError, match="injected failure"):
         trainer.train(cfg, tmp_path / "run", tracker=tracker)
-    assert tracker.ended == "FAILED" and tracker.rows_logged == 3
+    assert tracker.ended == "FAILED" and tracker.rows_logged == 4
     assert json.loads((tmp_path / "run" / "heartbeat.json").read_text())["state"] == "failed"
     ckpts = tmp_path / "run" / "checkpoints"
-    assert (ckpts / "latest").read_text() == "step_0000002"
-    assert_finite(ckpts / "step_0000002")
+    latest = (ckpts / "latest").read_text()
+    assert latest == "step_0000004" if not async_save else latest in ("step_0000002", "step_0000004")
+    assert verify_checkpoint(ckpts / latest, full=True) is None
+    assert_finite(ckpts / latest)
     # Failing before the first step: the tracker's run is left as it is (discarded, not marked).
     tracker = FakeTracker()
     monkeypatch.setattr(

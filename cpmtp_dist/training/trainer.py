@@ -547,16 +547,15 @@ def _loop(run: _Run, start: int) -> TrainResult:
                 healthy = ckpt.newest_healthy()  # an earlier checkpoint being written is finished first
                 return _diverged(run, step, healthy, nonfinite.stop_message(step, healthy, cfg.optim.lr))
             if log_now:
-                metrics |= _logged_metrics(run, metrics, step, time.perf_counter() - tic)
+                metrics |= _logged_metrics(run, metrics, step, since=tic)
                 metrics |= nonfinite.metrics() | (spikes.metrics() if spikes is not None else {})
                 logger.log(step, metrics)
                 tic = time.perf_counter()
             spike = spikes.observe(step, outcome.loss) if spikes is not None else None
-            if spike is not None:
-                back_to = _rewind(run, spikes, spike)
-                if back_to is None:
-                    message = spikes.stop_message(spike, cfg.optim.lr)
-                    return _diverged(run, step, ckpt.newest_healthy(before=spike.first_step), message)
+            if spike is not None and spikes.rewinds >= spikes.max_rewinds:
+                message = spikes.stop_message(spike, cfg.optim.lr)
+                return _diverged(run, step, ckpt.newest_healthy(before=spike.first_step), message)
+            if spike is not None and (back_to := _rewind(run, spikes, spike)) is not None:
                 step, tic = back_to, time.perf_counter()
                 continue
             if t.eval_every and step % t.eval_every == 0 and step != t.steps and run.valid:
@@ -588,11 +587,8 @@ def _diverged(run: _Run, step: int, healthy: Path | None, message: str) -> Train
 
 def _rewind(run: _Run, spikes: SpikeWatch, spike: Spike) -> int | None:
     """Rewind a confirmed loss spike (`training/spikes.py`): reload the newest healthy checkpoint saved before
-    it and delete the newer ones; the loader stays where it is. Returns the step training goes on after: the
-    checkpoint's, or the spike's own when no checkpoint precedes it (a warning); None when the rewinds allowed
-    are used up."""
-    if spikes.rewinds >= spikes.max_rewinds:
-        return None
+    it and delete the newer ones; the loader stays where it is. Returns the checkpoint's step, which training
+    goes on after, or None when no checkpoint precedes the spike (a warning; training goes on)."""
     announce = run.groups.rank == 0
     target = run.ckpt.newest_healthy(before=spike.first_step)
     if target is None:
@@ -602,7 +598,7 @@ def _rewind(run: _Run, spikes: SpikeWatch, spike: Spike) -> int | None:
                 flush=True,
             )
         run.logger.log(spike.step, spikes.event(spike, None, []))
-        return spike.step
+        return None
     discarded = run.ckpt.discard_after(int(target.name.removeprefix("step_")))
     back_to, _ = run.ckpt.restore(target, data=False)
     spikes.rewinds += 1
@@ -617,12 +613,13 @@ def _rewind(run: _Run, spikes: SpikeWatch, spike: Spike) -> int | None:
     return back_to
 
 
-def _logged_metrics(run: _Run, metrics: dict[str, Any], step: int, elapsed: float) -> dict[str, Any]:
+def _logged_metrics(run: _Run, metrics: dict[str, Any], step: int, *, since: float) -> dict[str, Any]:
     """What a logging step adds to `train_step`'s metrics: the objective, learning rate, throughput, MFU,
-    memory, skipped shards; `elapsed` seconds since the previous logged step."""
+    memory, skipped shards; the throughput of the steps since `time.perf_counter()` was `since`."""
     cfg, t, device = run.cfg, run.cfg.train, run.device
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize()  # the steps' kernels are done: the time is theirs
+    elapsed = time.perf_counter() - since
     steps_done = t.log_every if step % t.log_every == 0 else step % t.log_every
     tps = run.tokens_per_step * steps_done / elapsed
     beta = cfg.finetune.distill_weight
