@@ -11,12 +11,14 @@ import io
 import json
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 import webdataset as wds
 
+from cpmtp_dist.data import source
 from cpmtp_dist.data.data_path import ShardError, parse_data_path
 from cpmtp_dist.data.shards import (
     FORMAT,
@@ -148,6 +150,41 @@ def test_resume_refuses_a_changed_layout(data):
         loader([data], dp_size=2).load_state_dict(state)
     with pytest.raises(ValueError, match="num_workers was 2, now 1"):
         loader([data], num_workers=1).load_state_dict(state)
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory) -> ShardSet:
+    """3 shards of 5 samples: 4 readers get ranges of 2 or 3 samples, 2 readers 2 shards and 1."""
+    return write_dataset(tmp_path_factory.mktemp("u") / "u", shards=3, per_shard=5)
+
+
+def test_same_layout_resume_of_every_rank_equals_the_uninterrupted_streams(uneven, monkeypatch):
+    """What a checkpoint records (`source.gather_loader_state`, here over a world of tp 2 x dp 2 with the
+    collective faked) resumes each rank's own readers, also when they are in different epochs. A state of
+    dp rank 0 alone, what older checkpoints recorded, does not continue rank 1's stream."""
+    total, k = 20, 12
+    ref = [take(loader([uneven], dp_rank=r, dp_size=2, micro_batch_size=1), total) for r in (0, 1)]
+    ranks = [loader([uneven], dp_rank=r, dp_size=2, micro_batch_size=1) for r in (0, 1)]
+    for rank in ranks:
+        take(rank, k)
+    world = [(r // 2, ranks[r // 2]) for r in range(4)]  # global rank -> (dp rank, its loader), tp peers
+
+    def all_gather_object(out, obj):
+        out[:] = [(dp_rank, rank.state_dict()["workers"]) for dp_rank, rank in world]
+
+    monkeypatch.setattr(source.dist, "all_gather_object", all_gather_object)
+    groups = SimpleNamespace(rank=0, world_size=4, dp_rank=0, dp_size=2)
+    state = json.loads(json.dumps(source.gather_loader_state(ranks[0], groups)))
+    assert len({w["sources"][0]["epoch"] for workers in state["ranks"] for w in workers}) == 2  # 0 and 1
+    for r in (0, 1):
+        resumed = loader([uneven], dp_rank=r, dp_size=2, micro_batch_size=1)
+        resumed.load_state_dict(state)
+        assert ref[r][:k] + take(resumed, total - k) == ref[r], r
+    old = ranks[0].state_dict()
+    del old["dp_rank"]
+    resumed = loader([uneven], dp_rank=1, dp_size=2, micro_batch_size=1)
+    resumed.load_state_dict(old)
+    assert ref[1][:k] + take(resumed, total - k) != ref[1]
 
 
 def test_blend_proportions(tmp_path):

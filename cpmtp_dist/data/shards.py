@@ -20,7 +20,9 @@ loader keeps the last state of every worker and the number of batches taken, and
 `state_dict`. A resumed loader restarts each worker from its state: the worker replays its current
 epoch's shards up to the position (the shuffle buffer and generators are thereby restored exactly; the
 replayed samples are read but not sent) and rotates the workers so that the next batch comes from the
-worker that was next. The resumed stream is therefore exactly the uninterrupted one.
+worker that was next. The resumed stream is therefore exactly the uninterrupted one. A checkpoint records
+the states of every data-parallel rank (`combine_states`, gathered by `source.gather_loader_state`), and each
+rank restarts its own readers.
 """
 
 from __future__ import annotations
@@ -480,14 +482,18 @@ class ShardLoader:
         return sum(src["skipped"] for s in self._states if s for src in s["sources"])
 
     def state_dict(self) -> dict[str, Any]:
+        """This rank's position; `combine_states` joins those of all dp ranks into what a checkpoint holds."""
         return {
             "kind": "shards",
             "batches": self._batches,
+            "dp_rank": self.dp_rank,
             "workers": list(self._states),  # each state is a fresh dict per batch, never changed after
             "fingerprint": self._fingerprint(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint's position at the saved layout. Takes `combine_states`'s state of all
+        dp ranks, a single rank's `state_dict` at dp 1, or the state of dp rank 0 alone of an older checkpoint."""
         if state.get("kind") != "shards":
             raise ValueError(
                 "the saved loader state is not a shard loader's: data.path changed since the save"
@@ -500,9 +506,43 @@ class ShardLoader:
                 + ", ".join(f"{k} was {saved.get(k)!r}, now {now[k]!r}" for k in changed)
                 + " (resume with the saved data settings and data-parallel size)"
             )
-        self._states = list(state["workers"])
+        self._states = list(self._own_states(state, _saved_ranks(state)))
         self._batches = int(state["batches"])
         self._iter = None
+
+    def _own_states(self, state: dict[str, Any], ranks: list[list[Any] | None]) -> list[Any]:
+        """This rank's saved reader states (the layout is unchanged)."""
+        own = ranks[self.dp_rank]
+        if own is not None:
+            return own
+        if "dp_rank" in state:
+            raise ValueError(
+                f"the saved loader state holds the data position of data-parallel rank {state['dp_rank']} only, "
+                f"not of rank {self.dp_rank}: save the state of every rank (source.gather_loader_state)"
+            )
+        log.warning(
+            "the checkpoint records the data position of data-parallel rank 0 only (saved before the positions "
+            "of all ranks were recorded): data-parallel rank %d continues from rank 0's reader positions",
+            self.dp_rank,
+        )
+        return state["workers"]
+
+
+def _saved_ranks(state: dict[str, Any]) -> list[list[Any] | None]:
+    """Per saved dp rank, its reader states; None for a rank the state does not hold."""
+    if "ranks" in state:
+        return state["ranks"]
+    ranks: list[list[Any] | None] = [None] * int(state["fingerprint"]["dp_size"])
+    ranks[int(state.get("dp_rank", 0))] = state["workers"]
+    return ranks
+
+
+def combine_states(local: dict[str, Any], ranks: list[list[Any]]) -> dict[str, Any]:
+    """The loader state of all dp ranks, what a checkpoint records: one rank's `state_dict` with the
+    reader states of every dp rank (`ranks`, in dp-rank order) in place of its own."""
+    state = {k: v for k, v in local.items() if k not in ("dp_rank", "workers")}
+    state["ranks"] = [list(workers) for workers in ranks]
+    return state
 
 
 def valid_batches(
