@@ -1,4 +1,5 @@
-"""The streaming shard loader: split by rank and worker, deterministic order, exact resume, blends, bad input.
+"""The streaming shard loader: split by rank and worker, deterministic order, exact resume (also at another
+dp size or data.num_workers), blends, bad input.
 
 Shards are written here directly in the documented format (webdataset tars of `.tokens.npy` samples plus a
 manifest), each sample tagged with its index and dataset, so that every read sample can be identified.
@@ -11,20 +12,25 @@ import io
 import json
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 import webdataset as wds
 
+from cpmtp_dist.data import source
 from cpmtp_dist.data.data_path import ShardError, parse_data_path
+from cpmtp_dist.data.shard_resume import buffer_order, epoch_ids
 from cpmtp_dist.data.shards import (
     FORMAT,
     ShardLoader,
     ShardSet,
     _SourceState,
     _SourceStream,
+    combine_states,
     epoch_pieces,
+    split_offsets,
     valid_batches,
 )
 
@@ -140,14 +146,144 @@ def test_resume_after_k_batches_equals_the_uninterrupted_stream(data, num_worker
         assert ids(head) + ids(tail) == ref, k
 
 
-def test_resume_refuses_a_changed_layout(data):
+def test_resume_refuses_changed_data_settings_and_names_them(data):
     first = loader([data])
     first.next_batch()
     state = first.state_dict()
-    with pytest.raises(ValueError, match="dp_size was 1, now 2"):
-        loader([data], dp_size=2).load_state_dict(state)
-    with pytest.raises(ValueError, match="num_workers was 2, now 1"):
-        loader([data], num_workers=1).load_state_dict(state)
+    for change, message in (
+        ({"seed": 1}, "train.seed was 0, now 1"),
+        ({"shuffle_buffer": 4}, "data.shuffle_buffer was 3, now 4"),
+        ({"micro_batch_size": 1}, "train.micro_batch_size was 2, now 1"),
+    ):
+        with pytest.raises(
+            ValueError, match=message + r".*the data-parallel size and data.num_workers may change"
+        ):
+            loader([data], **change).load_state_dict(state)
+
+
+# ---- resume at another layout (dp size × data.num_workers) ---------------------------------------
+def run_layout(sets, dp: int, workers: int, batches: int, state=None, **kw):
+    """`batches` micro-batches of one sample on each of `dp` ranks with `workers` loader workers, resumed
+    from `state`: the (dataset, epoch, sample id) of each sample taken, and the state of all ranks after."""
+    ranks = [
+        loader(sets, dp_rank=r, dp_size=dp, num_workers=workers, micro_batch_size=1, **kw) for r in range(dp)
+    ]
+    taken = []
+    for rank in ranks:
+        if state is not None:
+            rank.load_state_dict(state)
+        for _ in range(batches):
+            before = list(rank._states)
+            batch = rank.next_batch()
+            (now,) = [
+                s for s, b in zip(rank._states, before, strict=True) if s is not b
+            ]  # its reader's state
+            k = int(batch[0, 1])  # the dataset's tag
+            taken.append((k, now["sources"][k]["epoch"], int(batch[0, 0])))
+    combined = combine_states(ranks[0].state_dict(), [rank.state_dict()["workers"] for rank in ranks])
+    return taken, json.loads(json.dumps(combined))  # as it travels in a checkpoint
+
+
+def reader_epochs(state) -> list[int]:
+    return [reader["sources"][0]["epoch"] for workers in state["ranks"] for reader in workers]
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory) -> ShardSet:
+    """3 shards of 5 samples: 4 readers get ranges of 2 or 3 samples, 2 readers 2 shards and 1."""
+    return write_dataset(tmp_path_factory.mktemp("u") / "u", shards=3, per_shard=5)
+
+
+def test_resume_at_other_layouts_takes_every_sample_of_an_epoch_once(uneven):
+    # 2 ranks x 2 workers -> 1 rank x 1 worker -> 2 ranks x 0 workers, 15 samples an epoch.
+    a, state = run_layout([uneven], 2, 2, 6)
+    epochs = reader_epochs(state)
+    assert 1 in epochs and 0 in epochs, epochs  # a reader has crossed into epoch 1, others have not
+    b, state = run_layout([uneven], 1, 1, 4, state)
+    assert reader_epochs(state) == [0]
+    c, state = run_layout([uneven], 2, 0, 16, state)
+    assert min(reader_epochs(state)) >= 2  # epochs 0 and 1 are complete
+    taken = a + b + c
+    for epoch in (0, 1):
+        assert sorted(i for _, e, i in taken if e == epoch) == list(range(15)), epoch  # each sample once
+    later = [i for _, e, i in taken if e == 2]
+    assert later and len(later) == len(set(later))
+    # A same-layout resume after a change (masks in the state) continues exactly.
+    ref, _ = run_layout([uneven], 2, 0, 10, state)
+    head, mid = run_layout([uneven], 2, 0, 3, state)
+    tail, _ = run_layout([uneven], 2, 0, 7, mid)
+    assert sorted(head + tail) == sorted(ref)
+    per_rank = [head[:3] + tail[:7], head[3:] + tail[7:]]
+    assert per_rank == [ref[:10], ref[10:]]
+
+
+def test_same_layout_resume_of_every_rank_equals_the_uninterrupted_streams(uneven, monkeypatch):
+    """What a checkpoint records (`source.gather_loader_state`, here over a world of tp 2 x dp 2 with the
+    collective faked) resumes each rank's own readers, also when they are in different epochs. A state of
+    dp rank 0 alone, what older checkpoints recorded, does not continue rank 1's stream."""
+    total, k = 20, 12
+    ref = [take(loader([uneven], dp_rank=r, dp_size=2, micro_batch_size=1), total) for r in (0, 1)]
+    ranks = [loader([uneven], dp_rank=r, dp_size=2, micro_batch_size=1) for r in (0, 1)]
+    for rank in ranks:
+        take(rank, k)
+    world = [(r // 2, ranks[r // 2]) for r in range(4)]  # global rank -> (dp rank, its loader), tp peers
+
+    def all_gather_object(out, obj):
+        out[:] = [(dp_rank, rank.state_dict()["workers"]) for dp_rank, rank in world]
+
+    monkeypatch.setattr(source.dist, "all_gather_object", all_gather_object)
+    groups = SimpleNamespace(rank=0, world_size=4, dp_rank=0, dp_size=2)
+    state = json.loads(json.dumps(source.gather_loader_state(ranks[0], groups)))
+    assert len({w["sources"][0]["epoch"] for workers in state["ranks"] for w in workers}) == 2  # 0 and 1
+    for r in (0, 1):
+        resumed = loader([uneven], dp_rank=r, dp_size=2, micro_batch_size=1)
+        resumed.load_state_dict(state)
+        assert ref[r][:k] + take(resumed, total - k) == ref[r], r
+    old = ranks[0].state_dict()
+    del old["dp_rank"]
+    resumed = loader([uneven], dp_rank=1, dp_size=2, micro_batch_size=1)
+    resumed.load_state_dict(old)
+    assert ref[1][:k] + take(resumed, total - k) != ref[1]
+    with pytest.raises(ValueError, match="data-parallel rank 0 only.*resume with the data-parallel size 2"):
+        loader([uneven], num_workers=1, micro_batch_size=1).load_state_dict(old)
+
+
+def test_resume_at_another_layout_is_refused_after_skipped_shards(uneven):
+    _, state = run_layout([uneven], 2, 0, 3)
+    state["ranks"][1][0]["sources"][0]["skipped"] = 1
+    with pytest.raises(ValueError, match=r"data.skip_corrupt_shards=true.*resume with the data-parallel size 2 "
+                       "and data.num_workers=0"):  # fmt: skip
+        loader([uneven], num_workers=0, micro_batch_size=1).load_state_dict(state)
+
+
+@pytest.mark.parametrize(("buffer", "epoch"), [(1, 0), (3, 1), (100, 2)])
+def test_the_replay_on_ids_is_the_order_of_the_stream(uneven, buffer, epoch):
+    shards = uneven.splits["train"]
+    mask = np.packbits(np.arange(15) % 4 == 1)  # samples consumed before a layout change
+    for g in range(4):
+        for masks in ({}, {epoch: mask}):
+            stream = _SourceStream(
+                shards, dtype=uneven.dtype, sample_tokens=L + 1, seed=5, worker=g, workers=4, buffer=buffer,
+                verify=False, skip_corrupt=False, name="u", masks=masks,
+            )  # fmt: skip
+            read = [int(x[0]) for x in stream._epoch_samples(epoch, _SourceState())]
+            replayed = epoch_ids(
+                epoch_pieces(shards, 4, "u"), split_offsets(shards), seed=5, epoch=epoch, reader=g, readers=4,
+                buffer=buffer, mask=masks.get(epoch),
+            )  # fmt: skip
+            assert read == replayed.tolist(), (g, masks)
+    ids = np.arange(500) * 7
+    buf, out = [], []
+    rng = np.random.default_rng(3)
+    for x in ids.tolist():  # the stream's own loop
+        if len(buf) < 16:
+            buf.append(x)
+            continue
+        j = int(rng.integers(16))
+        buf[j], x = x, buf[j]
+        out.append(x)
+    rng.shuffle(buf)
+    assert buffer_order(ids, 16, np.random.default_rng(3)).tolist() == out + buf
 
 
 def test_blend_proportions(tmp_path):
@@ -157,6 +293,15 @@ def test_blend_proportions(tmp_path):
     rows = torch.cat([blend.next_batch() for _ in range(300)])
     share_b = float((rows[:, 1] == 1).float().mean())
     assert abs(share_b - 0.2) < 0.03, share_b
+    # At another layout the readers draw afresh: the proportions hold, and no sample of an epoch repeats.
+    before, state = run_layout([a, b], 2, 0, 40, weights=[0.8, 0.2])
+    after, _ = run_layout([a, b], 1, 0, 1500, state, weights=[0.8, 0.2])
+    share_b = sum(k for k, _, _ in after) / len(after)
+    assert abs(share_b - 0.2) < 0.035, share_b  # 3.4 standard deviations
+    for k in (0, 1):
+        for e in {e for kk, e, _ in before + after if kk == k}:
+            got = [i for kk, ee, i in before + after if (kk, ee) == (k, e)]
+            assert len(got) == len(set(got)), (k, e)
     assert parse_data_path("0.8 /x 0.2 /y") == [(0.8, "/x"), (0.2, "/y")]
     assert parse_data_path("/only") == [(1.0, "/only")]
 

@@ -1,5 +1,6 @@
 """`cpmtp train data.path=...` end to end: shards built by `cpmtp data`, a blend, the loader state in the
-checkpoint, and data that does not fit the model failing before training with its message."""
+checkpoint (resumed at another data.num_workers), and data that does not fit the model failing before training
+with its message."""
 
 from __future__ import annotations
 
@@ -85,6 +86,15 @@ def test_train_on_a_blend_of_shards(built, tmp_path):
     card = json.loads((run / "checkpoints" / "step_0000004" / "tokenizer" / "tokenizer.json").read_text())
     manifest = json.loads((built["code"] / "manifest.json").read_text())
     assert card["sha256"] == manifest["tokenizer"]["sha256"]
+    # The trainer resumes it at another data.num_workers (2 -> 0): the readers restart elastically, and the
+    # next checkpoint records the data position of every data-parallel rank (here one).
+    cfg = load_config(ROOT / "configs/tiny.yaml", [*MODEL, "train.steps=6", blend, "data.num_workers=0",
+                      "tracking.enabled=false"])  # fmt: skip
+    result = train(cfg, run, resume=run / "checkpoints" / "step_0000004")
+    assert result.final_step == 6 and sorted(metrics_by_step(run)) == [2, 4, 6]
+    state = json.loads((result.checkpoint / "meta.json").read_text())["loader"]
+    assert state["batches"] == 4 and state["elastic"]["generation"] == 1
+    assert [len(workers) for workers in state["ranks"]] == [1]
 
 
 @pytest.mark.slow

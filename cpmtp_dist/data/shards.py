@@ -20,7 +20,18 @@ loader keeps the last state of every worker and the number of batches taken, and
 `state_dict`. A resumed loader restarts each worker from its state: the worker replays its current
 epoch's shards up to the position (the shuffle buffer and generators are thereby restored exactly; the
 replayed samples are read but not sent) and rotates the workers so that the next batch comes from the
-worker that was next. The resumed stream is therefore exactly the uninterrupted one.
+worker that was next. The resumed stream is therefore exactly the uninterrupted one. A checkpoint records
+the states of every data-parallel rank (`combine_states`, gathered by `source.gather_loader_state`), and each
+rank restarts its own readers.
+
+Elastic resume. At another dp size or `data.num_workers` the saved readers' positions do not fit the new
+readers. Which sample ids the saved readers consumed is replayed from the manifest's sample counts and the
+seeds, without reading a shard (`shard_resume.py`). Each dataset restarts at the earliest epoch a saved reader
+was in, and in that epoch and every later one the new readers skip the ids consumed before the save (packed
+per-epoch masks, kept in the state until every reader has passed their epoch, and joined with what the new
+readers take at a further change). Every sample of an epoch is thus taken once across the change. The blend
+draws of the new readers are salted with the count of such changes (`generation`), so they do not repeat the
+old readers' draws.
 """
 
 from __future__ import annotations
@@ -40,6 +51,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from cpmtp_dist.data.data_path import ShardError
+from cpmtp_dist.data.shard_resume import consumed_before, decode_mask, encode_mask, excluded
 
 FORMAT = "cpmtp_dist.shards/v1"
 MANIFEST = "manifest.json"
@@ -236,6 +248,16 @@ def epoch_pieces(shards: list[ShardInfo], readers: int, name: str) -> list[tuple
     return pieces
 
 
+def split_offsets(shards: list[ShardInfo]) -> np.ndarray:
+    """The first sample id of each shard, and the split's size last: ids count samples over the shards."""
+    return np.cumsum([0] + [info.sequences for info in shards], dtype=np.int64)
+
+
+def source_seed(seed: int, k: int) -> int:
+    """The seed of dataset k of a blend: datasets are shuffled independently."""
+    return seed + 7919 * k
+
+
 @dataclass
 class _SourceState:
     epoch: int = 0
@@ -259,24 +281,33 @@ class _SourceStream:
         verify: bool,
         skip_corrupt: bool,
         name: str,
+        masks: dict[int, np.ndarray] | None = None,
     ) -> None:
         self.pieces = epoch_pieces(shards, workers, name)
         self.shards, self.dtype, self.sample_tokens = shards, dtype, sample_tokens
         self.seed, self.worker, self.workers, self.buffer = seed, worker, workers, max(1, buffer)
         self.verify, self.skip_corrupt, self.name = verify, skip_corrupt, name
+        self.offsets = split_offsets(shards)
+        self.masks = masks or {}  # epoch -> packed ids consumed before a layout change (shard_resume.py)
 
     def _epoch_samples(self, epoch: int, state: _SourceState) -> Iterator[np.ndarray]:
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.pieces))
         rng = np.random.default_rng([self.seed, epoch, self.worker])
+        mask = self.masks.get(epoch)
         buf: list[np.ndarray] = []
         for index in order[self.worker :: self.workers]:
             shard, first, stop = self.pieces[int(index)]
             info = self.shards[shard]
+            skip = None if mask is None else excluded(mask, self.offsets[shard] + np.arange(first, stop))
+            if skip is not None and skip.all():
+                continue  # consumed before a layout change: not opened
             try:
                 samples = read_shard(
                     info, self.dtype, self.sample_tokens, verify=self.verify, first=first, stop=stop
                 )
-                for sample in samples:
+                for i, sample in enumerate(samples):
+                    if skip is not None and skip[i]:
+                        continue
                     if len(buf) < self.buffer:
                         buf.append(sample)
                         continue
@@ -305,7 +336,7 @@ class _SourceStream:
                     continue
                 state.position += 1
                 yield sample
-            if produced == 0:
+            if produced == 0 and epoch not in self.masks:  # else all its samples may have been consumed
                 raise ShardError(f"{self.name}: worker {self.worker} read no sample in epoch {epoch}")
             if skip:
                 raise ShardError(f"{self.name}: the resume position is past the end of epoch {epoch}")
@@ -331,6 +362,8 @@ class ShardStream(IterableDataset):
         skip_corrupt: bool,
         worker_states: list[dict[str, Any] | None],
         rotation: int,
+        generation: int = 0,
+        masks: list[dict[int, np.ndarray]] | None = None,
     ) -> None:
         self.sets, self.weights = sets, np.cumsum(weights) / np.sum(weights)
         self.seed, self.dp_rank, self.dp_size = seed, dp_rank, dp_size
@@ -338,12 +371,15 @@ class ShardStream(IterableDataset):
         self.micro_batch_size, self.buffer = micro_batch_size, buffer
         self.verify, self.skip_corrupt = verify, skip_corrupt
         self.worker_states, self.rotation = worker_states, rotation
+        self.generation, self.masks = generation, masks or [{} for _ in sets]
 
     def _choices(self, g: int, start: int) -> Iterator[int]:
-        """Source index of the worker's draws start, start + 1, ... (counter-based)."""
+        """Source index of the worker's draws start, start + 1, ... (counter-based). After a layout change
+        (generation > 0) the draws are salted with the generation: new readers do not repeat old ones' draws."""
         chunk, offset = divmod(start, _BLEND_CHUNK)
+        salt = [self.generation] if self.generation else []
         while True:
-            u = np.random.default_rng([self.seed, g, chunk, 0xB1E]).random(_BLEND_CHUNK)
+            u = np.random.default_rng([self.seed, g, chunk, 0xB1E, *salt]).random(_BLEND_CHUNK)
             for x in u[offset:]:
                 yield int(np.searchsorted(self.weights, x, side="right"))
             chunk, offset = chunk + 1, 0
@@ -367,13 +403,14 @@ class ShardStream(IterableDataset):
                 s.splits["train"],
                 dtype=s.dtype,
                 sample_tokens=s.seq_len + 1,
-                seed=self.seed + 7919 * k,  # datasets of a blend are shuffled independently
+                seed=source_seed(self.seed, k),
                 worker=g,
                 workers=self.workers * self.dp_size,
                 buffer=self.buffer,
                 verify=self.verify,
                 skip_corrupt=self.skip_corrupt,
                 name=str(s.root),
+                masks=self.masks[k],
             ).samples(states[k])
             for k, s in enumerate(self.sets)
         ]
@@ -425,6 +462,8 @@ class ShardLoader:
             epoch_pieces(s.splits["train"], self.workers * dp_size, str(s.root))
         self._states: list[dict[str, Any] | None] = [None] * self.workers
         self._batches = 0
+        self._generation = 0  # layout changes so far (elastic resumes)
+        self._masks: list[dict[int, np.ndarray]] = [{} for _ in sets]  # per dataset: epoch -> consumed ids
         self._iter: Iterator[dict[str, Any]] | None = None
 
     def _fingerprint(self) -> dict[str, Any]:
@@ -453,6 +492,8 @@ class ShardLoader:
             skip_corrupt=self.skip_corrupt,
             worker_states=list(self._states),
             rotation=self._batches % self.workers,
+            generation=self._generation,
+            masks=self._masks,
         )
         if self.num_workers == 0:
             return iter(stream)
@@ -480,29 +521,155 @@ class ShardLoader:
         return sum(src["skipped"] for s in self._states if s for src in s["sources"])
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        """This rank's position; `combine_states` joins those of all dp ranks into what a checkpoint holds."""
+        state = {
             "kind": "shards",
-            "batches": self._batches,
+            "batches": self._batches,  # since the readers started: after a layout change, from 0
+            "dp_rank": self.dp_rank,
             "workers": list(self._states),  # each state is a fresh dict per batch, never changed after
             "fingerprint": self._fingerprint(),
         }
+        if self._generation:
+            masks = [{str(e): encode_mask(m) for e, m in by_epoch.items()} for by_epoch in self._masks]
+            state["elastic"] = {"generation": self._generation, "masks": masks}
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint's position: exactly at the saved layout, elastically at another dp
+        size or data.num_workers (`_restart`). Takes `combine_states`'s state of all dp ranks, a single
+        rank's `state_dict` at dp 1, or the state of dp rank 0 alone of an older checkpoint."""
         if state.get("kind") != "shards":
             raise ValueError(
                 "the saved loader state is not a shard loader's: data.path changed since the save"
             )
         saved, now = state["fingerprint"], self._fingerprint()
         changed = [k for k in now if saved.get(k) != now[k]]
-        if changed:
+        fixed = [k for k in changed if k not in _LAYOUT]
+        if fixed:
             raise ValueError(
                 "the data order cannot continue exactly: "
-                + ", ".join(f"{k} was {saved.get(k)!r}, now {now[k]!r}" for k in changed)
-                + " (resume with the saved data settings and data-parallel size)"
+                + ", ".join(f"{_SETTINGS[k]} was {saved.get(k)!r}, now {now[k]!r}" for k in fixed)
+                + " (resume with the saved values; the data-parallel size and data.num_workers may change)"
             )
-        self._states = list(state["workers"])
-        self._batches = int(state["batches"])
+        elastic = state.get("elastic") or {"generation": 0, "masks": [{} for _ in self.sets]}
+        generation = int(elastic["generation"])
+        masks = [
+            {
+                int(e): decode_mask(text, int(split_offsets(s.splits["train"])[-1]), str(s.root))
+                for e, text in m.items()
+            }
+            for s, m in zip(self.sets, elastic["masks"], strict=True)
+        ]
+        ranks = _saved_ranks(state)
+        if changed:
+            states, masks = self._restart(ranks, saved, masks)
+            generation, batches = generation + 1, 0
+        else:
+            states, batches = self._own_states(state, ranks), int(state["batches"])
+        self._states, self._batches, self._generation, self._masks = list(states), batches, generation, masks
         self._iter = None
+
+    def _own_states(self, state: dict[str, Any], ranks: list[list[Any] | None]) -> list[Any]:
+        """This rank's saved reader states (the layout is unchanged)."""
+        own = ranks[self.dp_rank]
+        if own is not None:
+            return own
+        if "dp_rank" in state:
+            raise ValueError(
+                f"the saved loader state holds the data position of data-parallel rank {state['dp_rank']} only, "
+                f"not of rank {self.dp_rank}: save the state of every rank (source.gather_loader_state)"
+            )
+        log.warning(
+            "the checkpoint records the data position of data-parallel rank 0 only (saved before the positions "
+            "of all ranks were recorded): data-parallel rank %d continues from rank 0's reader positions",
+            self.dp_rank,
+        )
+        return state["workers"]
+
+    def _restart(
+        self, ranks: list[list[Any] | None], saved: dict[str, Any], masks: list[dict[int, np.ndarray]]
+    ) -> tuple[list[dict[str, Any]], list[dict[int, np.ndarray]]]:
+        """The reader states and consumed-id masks that continue a position saved at another dp size or
+        data.num_workers: every dataset restarts at the earliest epoch a saved reader was in, and in it and
+        every later epoch the new readers skip the ids consumed before the save (`shard_resume.py`)."""
+        was = f"the data-parallel size {saved['dp_size']} and data.num_workers={saved['num_workers']}"
+        if any(rank is None for rank in ranks):
+            raise ValueError(
+                "the checkpoint records the data position of data-parallel rank 0 only (saved before the "
+                f"positions of all ranks were recorded), so it cannot continue at another layout: resume with {was}"
+            )
+        readers = [reader or {} for rank in ranks for reader in rank]  # global reader g = r * W + w
+        if len(readers) != saved["dp_size"] * max(1, saved["num_workers"]):
+            raise ValueError(
+                f"the saved loader state holds {len(readers)} reader states, not one per reader of {was}: "
+                "the checkpoint's meta.json is damaged; resume from another checkpoint"
+            )
+        skipped = sum(src["skipped"] for reader in readers for src in reader.get("sources", []))
+        if skipped:
+            raise ValueError(
+                f"{skipped} corrupt shard(s) were skipped before the save (data.skip_corrupt_shards=true), so "
+                f"which samples were consumed is not known exactly: resume with {was}"
+            )
+        starts, consumed = [], []
+        for k, s in enumerate(self.sets):
+            shards = s.splits["train"]
+            positions = [
+                (r["sources"][k]["epoch"], r["sources"][k]["position"]) if r else (0, 0) for r in readers
+            ]
+            start, by_epoch = consumed_before(
+                epoch_pieces(shards, len(readers), str(s.root)),
+                split_offsets(shards),
+                seed=source_seed(self.seed, k),
+                buffer=max(1, self.shuffle_buffer),
+                positions=positions,
+                masks=masks[k],
+            )
+            starts.append(start)
+            consumed.append(by_epoch)
+        log.info(
+            "data: %d × %d readers continue the position of %d × %d (epochs %s, without the samples consumed "
+            "before the save)",
+            self.dp_size, self.workers, saved["dp_size"], max(1, saved["num_workers"]), starts,
+        )  # fmt: skip
+        fresh = {"sources": [{"epoch": e, "position": 0, "skipped": 0} for e in starts], "draws": 0}
+        return [json.loads(json.dumps(fresh)) for _ in range(self.workers)], consumed
+
+
+_LAYOUT = ("dp_size", "num_workers")
+"""The fingerprint's entries a resume may change: the readers restart elastically (`ShardLoader._restart`)."""
+_SETTINGS = {
+    "seed": "train.seed",
+    "dp_size": "the data-parallel size",
+    "num_workers": "data.num_workers",
+    "micro_batch_size": "train.micro_batch_size",
+    "shuffle_buffer": "data.shuffle_buffer",
+    "datasets": "data.path (weights, folders, tokenizers)",
+}
+
+
+def _saved_ranks(state: dict[str, Any]) -> list[list[Any] | None]:
+    """Per saved dp rank, its reader states; None for a rank the state does not hold."""
+    if "ranks" in state:
+        return state["ranks"]
+    ranks: list[list[Any] | None] = [None] * int(state["fingerprint"]["dp_size"])
+    ranks[int(state.get("dp_rank", 0))] = state["workers"]
+    return ranks
+
+
+def combine_states(local: dict[str, Any], ranks: list[list[Any]]) -> dict[str, Any]:
+    """The loader state of all dp ranks, what a checkpoint records: one rank's `state_dict` with the
+    reader states of every dp rank (`ranks`, in dp-rank order) in place of its own. Consumed-id masks of
+    epochs that every reader has finished are dropped."""
+    state = {k: v for k, v in local.items() if k not in ("dp_rank", "workers")}
+    state["ranks"] = [list(workers) for workers in ranks]
+    if "elastic" in state:
+        readers = [reader for workers in ranks for reader in workers]
+        masks = []
+        for k, by_epoch in enumerate(state["elastic"]["masks"]):
+            start = min(r["sources"][k]["epoch"] if r else 0 for r in readers)
+            masks.append({e: m for e, m in by_epoch.items() if int(e) >= start})
+        state["elastic"] = state["elastic"] | {"masks": masks}
+    return state
 
 
 def valid_batches(

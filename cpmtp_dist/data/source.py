@@ -7,23 +7,27 @@
   (split by data-parallel rank and loader worker, exact resume).
 
 Both give a tokenizer, a loader with `next_step()` / `state_dict()` / `load_state_dict()`, and a fixed list
-of held-out micro-batches for this rank.
+of held-out micro-batches for this rank. What a checkpoint records of the loader is `gather_loader_state`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 
 from cpmtp_dist.config import Config
 from cpmtp_dist.data.builtin import build_builtin_data
 from cpmtp_dist.data.data_path import ShardError, parse_data_path
 from cpmtp_dist.data.loader import PackedSequenceLoader, eval_batches
-from cpmtp_dist.data.shards import ShardLoader, ShardSet, valid_batches, valid_shortfall
+from cpmtp_dist.data.shards import ShardLoader, ShardSet, combine_states, valid_batches, valid_shortfall
 from cpmtp_dist.data.tokenizer import Tokenizer, load_tokenizer
+
+if TYPE_CHECKING:
+    from cpmtp_dist.parallel.state import ParallelGroups
 
 
 @dataclass
@@ -108,3 +112,26 @@ def build_training_data(cfg: Config, *, dp_rank: int, dp_size: int) -> TrainingD
     )
     shortfall = valid_shortfall(sets, t.micro_batch_size, dp_size)
     return TrainingData(tokenizer, sets[0].tokenizer_dir, loader, valid, desc, shortfall)
+
+
+def gather_loader_state(loader: Any, groups: ParallelGroups) -> dict[str, Any]:
+    """The data position a checkpoint records, the same on every rank. Collective: every rank calls it.
+
+    Note: the in-memory loader's state is the same on every rank, so it is returned as is. A shard loader's
+    readers differ per data-parallel rank (and can be in different epochs when their units differ in size):
+    every rank's reader states are gathered over the world and one per dp rank is kept (tensor- and
+    pipeline-parallel peers of a dp rank hold the same), so that each rank resumes its own readers, or the
+    readers of another layout continue from all of them (`ShardLoader.load_state_dict`).
+    """
+    state = loader.state_dict()
+    if not isinstance(loader, ShardLoader):
+        return state
+    mine = (groups.dp_rank, state["workers"])
+    gathered: list[Any] = [mine]
+    if groups.world_size > 1:
+        gathered = [None] * groups.world_size
+        dist.all_gather_object(gathered, mine)
+    by_rank: dict[int, list[Any]] = {}
+    for dp_rank, workers in gathered:
+        by_rank.setdefault(dp_rank, workers)
+    return combine_states(state, [by_rank[r] for r in range(groups.dp_size)])

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from cpmtp_dist.checkpoint_paths import ResumeError, complete_checkpoints, verify_checkpoint
 from cpmtp_dist.config import Config
+from cpmtp_dist.data.source import gather_loader_state
 from cpmtp_dist.parallel.sharded_state import (
     apply_model_state,
     apply_optimizer_state,
@@ -102,7 +103,7 @@ class Checkpointer:
             meta={
                 "tokens_seen": step * self.tokens_per_step,
                 "layout": layout_of(self.groups, self.cfg),
-                "loader": self.loader.state_dict(),
+                "loader": gather_loader_state(self.loader, self.groups),  # every dp rank's position
                 "healthy": True,  # every weight and moment finite: retention keeps the newest such one
             },
             config_yaml=self.config_yaml,
