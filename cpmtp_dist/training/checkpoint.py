@@ -168,12 +168,21 @@ class AsyncSaves:
     def abort(self) -> None:
         """Training failed: let this rank's background writer finish its files, without the collective
         finalisation (other ranks may be gone), and drop the save: its folder stays an unfinished `*.tmp`."""
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+        if not self._queue.async_calls:
+            return
         for call in self._queue.async_calls:
             process = getattr(call.async_caller, "process", None)
             if process is not None:
                 process.join()
         self._queue.async_calls.clear()
         self._in_flight.clear()
+        # The writer's results wait in a process-wide queue: left there, the next save of this process (a
+        # later `train()` in the same interpreter) would take them for its own and record wrong file offsets.
+        results = filesystem_async._results_queue
+        while results is not None and not results.empty():
+            results.get_nowait()
 
 
 def start_checkpoint_writer() -> None:
