@@ -18,6 +18,7 @@ from cpmtp_dist.data.source import build_training_data
 from cpmtp_dist.inference.evaluation import heldout_batches
 from cpmtp_dist.training.trainer import train
 from data_pipelines.shards import build_shards
+from launchers.cli import main as cli_main
 from runs import metrics_by_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,13 +87,13 @@ def test_train_on_a_blend_of_shards(built, tmp_path):
     card = json.loads((run / "checkpoints" / "step_0000004" / "tokenizer" / "tokenizer.json").read_text())
     manifest = json.loads((built["code"] / "manifest.json").read_text())
     assert card["sha256"] == manifest["tokenizer"]["sha256"]
-    # The trainer resumes it at another data.num_workers (2 -> 0): the readers restart elastically, and the
-    # next checkpoint records the data position of every data-parallel rank (here one).
-    cfg = load_config(ROOT / "configs/tiny.yaml", [*MODEL, "train.steps=6", blend, "data.num_workers=0",
-                      "tracking.enabled=false"])  # fmt: skip
-    result = train(cfg, run, resume=run / "checkpoints" / "step_0000004")
-    assert result.final_step == 6 and sorted(metrics_by_step(run)) == [2, 4, 6]
-    state = json.loads((result.checkpoint / "meta.json").read_text())["loader"]
+    # `cpmtp train --resume auto` (in this process) at another data.num_workers (2 -> 0): the readers restart
+    # elastically, and the next checkpoint records the data position of every data-parallel rank (here one).
+    argv = ["train", "--config", str(ROOT / "configs/tiny.yaml"), "--run-dir", str(run), "--resume", "auto",
+            *MODEL, "train.steps=6", blend, "data.num_workers=0", "--tracking-uri", "none"]  # fmt: skip
+    assert cli_main(argv) == 0
+    assert sorted(metrics_by_step(run)) == [2, 4, 6]
+    state = json.loads((run / "checkpoints" / "step_0000006" / "meta.json").read_text())["loader"]
     assert state["batches"] == 4 and state["elastic"]["generation"] == 1
     assert [len(workers) for workers in state["ranks"]] == [1]
 
