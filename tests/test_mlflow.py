@@ -9,6 +9,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -232,10 +233,10 @@ def test_default_store_is_a_sqlite_file_in_the_run_dir(tmp_path: Path, monkeypat
     monkeypatch.setenv("CPMTP_CACHE_DIR", str(tmp_path / "cache"))
     cfg = TrackingConfig(experiment="local", system_metrics_interval_s=0.2)
 
-    def log_run(run_dir: Path, steps: range, status: str = "FINISHED", rank: int = 5) -> None:
+    def log_run(run_dir: Path, steps: range, status: str = "FINISHED", rank: int = 5, config=cfg) -> None:
         run_dir.mkdir(exist_ok=True)
         (run_dir / "config.yaml").write_text(f"model:\n  cp:\n    rank: {rank}\n")
-        tracker = Tracker(cfg, run_dir, params={"model": {"cp": {"rank": rank}}},
+        tracker = Tracker(config, run_dir, params={"model": {"cp": {"rank": rank}}},
                           files=run_files(run_dir, None, None), stream=io.StringIO())  # fmt: skip
         logger = MetricsLogger(run_dir, enabled=True, total_steps=4, stream=io.StringIO(), tracker=tracker)
         for step in steps:
@@ -273,6 +274,14 @@ def test_default_store_is_a_sqlite_file_in_the_run_dir(tmp_path: Path, monkeypat
     log_run(tmp_path / "other", range(1, 3))
     other = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'other' / 'mlflow.db'}")
     assert len(other.search_runs([other.get_experiment_by_name("local").experiment_id])) == 1
+    # A shared sqlite store (--tracking-uri sqlite:///..., as the experiment scripts use) keeps the artifacts
+    # beside it too, not in ./mlruns. (Started from the cached empty store: no schema migration here.)
+    (tmp_path / "shared").mkdir()
+    shutil.copy(next((tmp_path / "cache").glob("mlflow-*-empty.db")), tmp_path / "shared" / "mlflow.db")
+    shared = TrackingConfig(experiment="local", system_metrics_interval_s=0.2,
+                            uri=f"sqlite:///{tmp_path / 'shared' / 'mlflow.db'}")  # fmt: skip
+    log_run(tmp_path / "third", range(1, 3), config=shared)
+    assert (tmp_path / "shared" / "mlartifacts").is_dir() and not (tmp_path / "mlruns").exists()
 
 
 # --- against a real server -------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from typing import Any, TextIO
 
 from cpmtp_dist.config import TrackingConfig
 from cpmtp_dist.config_io import flatten
-from cpmtp_dist.training.tracking_worker import RUN_FILE, Settings, artifact_location, is_number
+from cpmtp_dist.training.tracking_worker import RUN_FILE, Settings, is_number, sqlite_artifact_location
 
 DEFAULT_EXPERIMENT = "cpmtp"
 __all__ = [
@@ -282,9 +282,7 @@ def log_summary_run(
     if exp is not None:
         exp_id = exp.experiment_id
     else:
-        local = uri.startswith("sqlite:///")
-        location = artifact_location(Path(uri.removeprefix("sqlite:///")).parent) if local else None
-        exp_id = client.create_experiment(experiment, artifact_location=location)
+        exp_id = client.create_experiment(experiment, artifact_location=sqlite_artifact_location(uri))
     run = client.create_run(exp_id, run_name=run_name, tags=tags or {})
     rid = run.info.run_id
     for key, value in flatten_params(params).items():

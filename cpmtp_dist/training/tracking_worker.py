@@ -70,6 +70,13 @@ def artifact_location(store_dir: Path) -> str:
     return (store_dir.resolve() / "mlartifacts").as_uri()
 
 
+def sqlite_artifact_location(uri: str) -> str | None:
+    """`artifact_location` of a `sqlite:///PATH` store (beside PATH); None for any other store."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return artifact_location(Path(uri.removeprefix("sqlite:///")).parent)
+
+
 def is_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -454,8 +461,9 @@ class Worker:
         client = self.client or MlflowClient(tracking_uri=s.uri)
         exp = client.get_experiment_by_name(s.experiment)
         if exp is None:
-            # The default store keeps its artifacts in the run directory too (MLflow's default is ./mlruns).
-            location = artifact_location(self.run_dir) if s.local else None
+            # A sqlite store keeps its artifacts beside it (MLflow's default is ./mlruns, wherever the command
+            # runs): the default store in the run directory, a shared one (--tracking-uri sqlite:///...) beside it.
+            location = artifact_location(self.run_dir) if s.local else sqlite_artifact_location(s.uri)
             try:
                 exp_id = client.create_experiment(s.experiment, artifact_location=location)
             except MlflowException:  # created meanwhile by another run
