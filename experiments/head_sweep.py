@@ -31,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO / "experiments"))
-from rank_sweep import cpmtp, final_step, train_tokens_per_s  # noqa: E402
+from rank_sweep import cpmtp, eval_row, final_step, train_tokens_per_s  # noqa: E402
 from report import write_section  # noqa: E402
 from trunk import default_data_dir  # noqa: E402
 
@@ -61,17 +61,7 @@ def measure(run: Path, data: Path, args: argparse.Namespace, uri: str) -> tuple[
         cpmtp("eval", "--checkpoint", ckpt, "--data", str(data / corpus), "--out", str(ev_path),
               "--batches", str(args.eval_batches), "--prompts", str(args.prompts), "--new-tokens",
               str(args.new_tokens), "--tracking-uri", uri, "--experiment", "head_sweep")  # fmt: skip
-        ev = json.loads(ev_path.read_text())
-        h, dec = ev["heldout"], ev["decoding"]
-        out = {
-            "joint_loss": h["joint_loss"],
-            "head_losses": [h[f"head_loss_{s}"] for s in range(1, args.horizon + 1)],
-            "expert_usage": h["expert_usage"],
-            "tpf_greedy": dec["greedy"]["tokens_per_forward"],
-            "acceptance_greedy": dec["greedy"]["acceptance"],
-            "tpf_t1": dec["sampling_t1"]["tokens_per_forward"],
-            "acceptance_t1": dec["sampling_t1"]["acceptance"],
-        }
+        out = eval_row(json.loads(ev_path.read_text()), args.horizon)
         files.append(ev_path)
         for name, sampling in (("greedy", ["--greedy"]), ("t08", ["--temperature", "0.8"])):
             path = run / f"bench_{corpus}_{name}.json"
@@ -98,7 +88,7 @@ def table(rows: list[dict]) -> str:
             acc = ", ".join(f"{a:.2f}" for a in m["acceptance_greedy"][1:])
             lines.append(
                 f"| {r['beta']:g} | {r['rank']} | {corpus} | {m['joint_loss']:.3f} | {heads} | {m['tpf_greedy']:.2f} "
-                f"| {acc} | {m['tpf_t1']:.2f} | {m['bench_tpf_t08']:.2f} | {m['speedup_greedy']:.2f}× "
+                f"| {acc} | {m['tpf_sampling']:.2f} | {m['bench_tpf_t08']:.2f} | {m['speedup_greedy']:.2f}× "
                 f"| {m['speedup_t08']:.2f}× |"
             )
     return "\n".join(lines) + "\n"
@@ -181,7 +171,14 @@ def main() -> int:
         f"{key}_{c}_b{r['beta']:g}_r{r['rank']}": r[c][key]
         for r in rows
         for c in CORPORA
-        for key in ("joint_loss", "tpf_greedy", "tpf_t1", "bench_tpf_t08", "speedup_greedy", "speedup_t08")
+        for key in (
+            "joint_loss",
+            "tpf_greedy",
+            "tpf_sampling",
+            "bench_tpf_t08",
+            "speedup_greedy",
+            "speedup_t08",
+        )
     }
     rid = log_summary_run(uri, "head_sweep", f"head sweep n={args.horizon} r={args.ranks} beta={args.betas}",
                           params={"trunk": str(trunk), "overrides": " ".join(base)}, metrics=metrics,

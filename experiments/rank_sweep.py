@@ -51,6 +51,21 @@ def train_tokens_per_s(run: Path) -> float:
     return statistics.median(r["tokens_per_s"] for r in rows if "tokens_per_s" in r)
 
 
+def eval_row(ev: dict, horizon: int) -> dict:
+    """The numbers of a `cpmtp eval` result that the sweeps tabulate (sampling: at temperature 1)."""
+    h, dec = ev["heldout"], ev["decoding"]
+    return {
+        "joint_loss": h["joint_loss"],
+        "ntp_loss": h["ntp_loss"],
+        "head_losses": [h[f"head_loss_{s}"] for s in range(1, horizon + 1)],
+        "expert_usage": h["expert_usage"],
+        "tpf_greedy": dec["greedy"]["tokens_per_forward"],
+        "acceptance_greedy": dec["greedy"]["acceptance"],
+        "tpf_sampling": dec["sampling_t1"]["tokens_per_forward"],
+        "acceptance_sampling": dec["sampling_t1"]["acceptance"],
+    }
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -135,17 +150,9 @@ def main() -> int:
         cpmtp("bench", "decode", "--checkpoint", ckpt, "--out", str(bench_json), "--prompts", str(args.prompts),
               "--max-new-tokens", str(args.new_tokens), "--repeats", "3", "--tracking-uri", "none")  # fmt: skip
         ev, bd = json.loads(eval_json.read_text()), json.loads(bench_json.read_text())
-        h, dec = ev["heldout"], ev["decoding"]
         rows.append({
             "rank": r,
-            "joint_loss": h["joint_loss"],
-            "ntp_loss": h["ntp_loss"],
-            "head_losses": [h[f"head_loss_{s}"] for s in range(1, args.horizon + 1)],
-            "expert_usage": h["expert_usage"],
-            "tpf_greedy": dec["greedy"]["tokens_per_forward"],
-            "acceptance_greedy": dec["greedy"]["acceptance"],
-            "tpf_sampling": dec["sampling_t1"]["tokens_per_forward"],
-            "acceptance_sampling": dec["sampling_t1"]["acceptance"],
+            **eval_row(ev, args.horizon),
             "speedup": bd["speedup"],
             "bench_tokens_per_forward": bd["tokens_per_forward"],
             "train_tokens_per_s": train_tokens_per_s(run),
