@@ -54,6 +54,11 @@ def complete_checkpoints(root: Path) -> list[Path]:
     )
 
 
+def checkpoint_step(folder: Path) -> int:
+    """The step of checkpoint folder `step_N` (`training.checkpoint.checkpoint_name`)."""
+    return int(folder.name.removeprefix("step_"))
+
+
 def resolve_init_checkpoint(init_from: str | Path) -> Path:
     """`finetune.init_from` -> the checkpoint folder it names: itself, or the newest complete checkpoint of
     a run's `checkpoints/` folder (or of a run directory holding one)."""

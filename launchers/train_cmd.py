@@ -189,10 +189,9 @@ def run_train(args: argparse.Namespace) -> int:
 
     try:
         result = train(cfg, run_dir, resume=resume, tracker=tracker)
-    # Unusable data or checkpoint (to resume, or to fine-tune from): the message says what to do.
+    # Unusable data or checkpoint (to resume, or to fine-tune from): the message says what to do. (The
+    # trainer has released the tracker: discarded if nothing was logged, else ended FAILED.)
     except UserError as err:
-        if tracker is not None:
-            tracker.discard()
         print(f"error: {err}", file=sys.stderr)
         return 2
     if result.diverged is not None:

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cpmtp_dist.checkpoint_paths import file_digests
+from cpmtp_dist.checkpoint_paths import checkpoint_step, file_digests
 
 
 def checkpoint_name(step: int) -> str:
@@ -299,7 +299,7 @@ def prune_checkpoints(root: Path, keep_last: int, keep_every: int = 0) -> None:
     done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
     newest_healthy = next((p for p in reversed(done) if is_healthy(p)), None)
     for old in done[:-keep_last]:
-        step = int(old.name.removeprefix("step_"))
+        step = checkpoint_step(old)
         if (keep_every > 0 and step % keep_every == 0) or old == newest_healthy:
             continue
         shutil.rmtree(old)

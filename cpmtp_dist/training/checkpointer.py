@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from cpmtp_dist.checkpoint_paths import ResumeError, complete_checkpoints, verify_checkpoint
+from cpmtp_dist.checkpoint_paths import ResumeError, checkpoint_step, complete_checkpoints, verify_checkpoint
 from cpmtp_dist.config import Config
 from cpmtp_dist.data.source import gather_loader_state
 from cpmtp_dist.parallel.sharded_state import (
@@ -160,8 +160,7 @@ class Checkpointer:
         if not self.root.exists():
             return None
         for folder in reversed(complete_checkpoints(self.root)):
-            step = int(folder.name.removeprefix("step_"))
-            if before is not None and step >= before:
+            if before is not None and checkpoint_step(folder) >= before:
                 continue
             if is_healthy(folder) and verify_checkpoint(folder) is None:
                 return folder
@@ -172,7 +171,7 @@ class Checkpointer:
         step `step`'s; returns their names."""
         self.wait()
         _barrier()  # every rank has chosen what to rewind to before anything is deleted
-        gone = [p.name for p in complete_checkpoints(self.root) if int(p.name.removeprefix("step_")) > step]
+        gone = [p.name for p in complete_checkpoints(self.root) if checkpoint_step(p) > step]
         if self.is_writer:
             for name in gone:
                 shutil.rmtree(self.root / name)
@@ -181,6 +180,14 @@ class Checkpointer:
         if self.last is not None and self.last.name in gone:
             self.last = self.root / checkpoint_name(step)
         return gone
+
+    def check(self, folder: Path) -> None:
+        """Before a resume reads any weight: `folder` continues this run's model and data (`resume_check`) and
+        its files are whole (sizes: `checkpoint_paths.verify_checkpoint`). Raises ResumeError."""
+        check_resume_config(folder, self.cfg)
+        problem = verify_checkpoint(folder)
+        if problem is not None:
+            raise ResumeError(f"--resume {folder}: {problem}")
 
     def restore(self, folder: Path, *, data: bool = True) -> tuple[int, dict[str, Any]]:
         """Load checkpoint `folder`, saved at any layout, into the engine, the model, the generators and
@@ -192,10 +199,6 @@ class Checkpointer:
         numbers in training, only dropout would). The data position: see `docs/DATA.md` ("Resuming"); a
         rewind (`data=False`) keeps the loader where it is, skipping the batches since `folder`.
         """
-        check_resume_config(folder, self.cfg)  # before any weight is read
-        problem = verify_checkpoint(folder)
-        if problem is not None:
-            raise ResumeError(f"--resume {folder}: {problem}")
         meta = json.loads((folder / "meta.json").read_text())
         if data:
             try:  # first: the data position may refuse this layout, before anything heavy is read

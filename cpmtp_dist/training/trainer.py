@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import yaml
 
-from cpmtp_dist.checkpoint_paths import resolve_init_checkpoint
+from cpmtp_dist.checkpoint_paths import checkpoint_step, resolve_init_checkpoint
 from cpmtp_dist.config import Config
 from cpmtp_dist.config_io import config_to_dict
 from cpmtp_dist.data.loader import make_targets
@@ -407,22 +407,24 @@ def _train(
     steps that follow are those of an uninterrupted run. However training ends, the checkpoint writer, the
     metrics logger and the tracker are released (on an exception: the run is marked failed).
     """
-    # First: a missing source checkpoint must fail before anything is built.
-    init = resolve_init_checkpoint(cfg.finetune.init_from) if cfg.finetune.init_from is not None else None
-    start_checkpoint_writer()  # it forks a small helper process
-    par = cfg.parallel  # validated by config_io.validate_config before any group exists
-    groups = initialize_parallel(par.tp, par.pp, par.ep, seed=cfg.train.seed)
-    is_logger = groups.rank == 0
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_yaml = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-    if is_logger:
-        (run_dir / "config.yaml").write_text(config_yaml)
-    if tracker is None:
-        tracker = maybe_build_tracker(cfg.tracking, run_dir, enabled=is_logger, params=config_to_dict(cfg))
     ckpt: Checkpointer | None = None
     logger: MetricsLogger | None = None
     done = False
     try:
+        # First: a missing source checkpoint must fail before anything is built.
+        init = resolve_init_checkpoint(cfg.finetune.init_from) if cfg.finetune.init_from is not None else None
+        start_checkpoint_writer()  # it forks a small helper process
+        par = cfg.parallel  # validated by config_io.validate_config before any group exists
+        groups = initialize_parallel(par.tp, par.pp, par.ep, seed=cfg.train.seed)
+        is_logger = groups.rank == 0
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config_yaml = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+        if is_logger:
+            (run_dir / "config.yaml").write_text(config_yaml)
+        if tracker is None:
+            tracker = maybe_build_tracker(
+                cfg.tracking, run_dir, enabled=is_logger, params=config_to_dict(cfg)
+            )
         engine, data, device = _build(cfg, groups, run_dir, tracker, meter, init, resuming=resume is not None)
         ckpt = Checkpointer(
             run_dir,
@@ -509,8 +511,9 @@ def _build(
 
 
 def _resume(ckpt: Checkpointer, folder: Path, run_dir: Path, *, announce: bool) -> int:
-    """Restore checkpoint `folder` (`Checkpointer.restore`); the step it holds."""
+    """Check and restore checkpoint `folder` (`Checkpointer.check`, `restore`); the step it holds."""
     tic = time.perf_counter()
+    ckpt.check(folder)
     start, meta = ckpt.restore(folder)
     if announce:
         drop_metrics_after(run_dir / "metrics.jsonl", start)
@@ -599,7 +602,7 @@ def _rewind(run: _Run, spikes: SpikeWatch, spike: Spike) -> int | None:
             )
         run.logger.log(spike.step, spikes.event(spike, None, []))
         return None
-    discarded = run.ckpt.discard_after(int(target.name.removeprefix("step_")))
+    discarded = run.ckpt.discard_after(checkpoint_step(target))
     back_to, _ = run.ckpt.restore(target, data=False)
     spikes.rewinds += 1
     run.logger.log(spike.step, spikes.event(spike, back_to, discarded))
