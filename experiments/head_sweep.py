@@ -10,9 +10,10 @@ n = r = 1 on the built-in code and prose shards). For each distillation weight �
 holds its final checkpoint, resumed when it holds an earlier one); then on the held-out split of each corpus
 (code, prose): `cpmtp eval` (joint and per-head loss, expert usage, acceptance per head position and tokens
 per forward of self-speculative decoding, greedy and sampled at T = 1) and `cpmtp bench decode` greedy and
-at T = 0.8 (tokens per forward and wall-clock speed-up over autoregressive decoding, batch 1). One table and
-one figure go to `--results` (docs/RESULTS.md, section "head_sweep") and, with every per-run file, to one
-MLflow run of the experiment `head_sweep` in `<root>/mlflow.db`.
+at T = 0.8 (tokens per forward and wall-clock speed-up over autoregressive decoding, batch 1), and greedy
+tree decoding with `--branches` children per step (`--mode tree`; one branch is the speculative chain). Two
+tables and one figure go to `--results` (docs/RESULTS.md, section "head_sweep") and, with every per-run file,
+to one MLflow run of the experiment `head_sweep` in `<root>/mlflow.db`.
 
 Why β = 0.5 next to 0: self-speculative decoding accepts a drafted token when it agrees with the model's own
 next-token distribution; distillation trains each head position's conditional towards the trunk's own
@@ -63,13 +64,19 @@ def measure(run: Path, data: Path, args: argparse.Namespace, uri: str) -> tuple[
               str(args.new_tokens), "--tracking-uri", uri, "--experiment", "head_sweep")  # fmt: skip
         out = eval_row(json.loads(ev_path.read_text()), args.horizon)
         files.append(ev_path)
-        for name, sampling in (("greedy", ["--greedy"]), ("t08", ["--temperature", "0.8"])):
+        benches = [("greedy", ["--greedy"]), ("t08", ["--temperature", "0.8"])] + [
+            (f"tree{k}", ["--greedy", "--mode", "tree", "--branches", str(k)]) for k in args.branches
+        ]
+        for name, extra in benches:
             path = run / f"bench_{corpus}_{name}.json"
             cpmtp("bench", "decode", "--checkpoint", ckpt, "--data", str(data / corpus), "--out", str(path),
-                  "--prompts", str(args.prompts), "--max-new-tokens", str(args.new_tokens), "--repeats", "3",
-                  "--tracking-uri", "none", *sampling)  # fmt: skip
+                  "--prompts", str(args.prompts), "--max-new-tokens", str(args.new_tokens), "--repeats",
+                  str(args.repeats), "--tracking-uri", "none", *extra)  # fmt: skip
             bd = json.loads(path.read_text())
             out[f"bench_tpf_{name}"], out[f"speedup_{name}"] = bd["tokens_per_forward"], bd["speedup"]
+            out[f"acceptance_{name}"] = bd["acceptance"]
+            if "kept_branch" in bd:
+                out[f"kept_branch_{name}"] = bd["kept_branch"]
             files.append(path)
         row[corpus] = out
     return row, files
@@ -91,6 +98,25 @@ def table(rows: list[dict]) -> str:
                 f"| {acc} | {m['tpf_sampling']:.2f} | {m['bench_tpf_t08']:.2f} | {m['speedup_greedy']:.2f}× "
                 f"| {m['speedup_t08']:.2f}× |"
             )
+    return "\n".join(lines) + "\n"
+
+
+def tree_table(rows: list[dict], branches: list[int]) -> str:
+    """Greedy tokens per forward and speed-up of tree decoding by branches (1: the speculative chain)."""
+    ks = [1, *branches]
+    names = {1: "greedy", **{k: f"tree{k}" for k in branches}}
+    lines = [
+        "| β | r | held-out | " + " | ".join(f"tokens/forward k={k}" for k in ks) + " | "
+        + " | ".join(f"speed-up k={k}" for k in ks) + " | kept child 1..k (largest k) |",
+        "|---|---|---|" + "---|" * (2 * len(ks) + 1),
+    ]  # fmt: skip
+    for r in rows:
+        for corpus in CORPORA:
+            m = r[corpus]
+            tpf = " | ".join(f"{m[f'bench_tpf_{names[k]}']:.2f}" for k in ks)
+            speed = " | ".join(f"{m[f'speedup_{names[k]}']:.2f}×" for k in ks)
+            kept = ", ".join(str(c) for c in m.get(f"kept_branch_{names[ks[-1]]}", []))
+            lines.append(f"| {r['beta']:g} | {r['rank']} | {corpus} | {tpf} | {speed} | {kept} |")
     return "\n".join(lines) + "\n"
 
 
@@ -136,6 +162,8 @@ def main() -> int:
     p.add_argument("--eval-batches", type=int, default=16)
     p.add_argument("--prompts", type=int, default=8, help="held-out prompts decoded per model and corpus")
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per prompt and mode in bench decode")
+    p.add_argument("--branches", type=int, nargs="*", default=[2, 4], help="tree decoding's branch counts")
     p.add_argument("overrides", nargs="*", help="more `cpmtp train` overrides, the same for every head")
     args = p.parse_args()
 
@@ -164,6 +192,9 @@ def main() -> int:
     section = (
         f"Command: `{command.strip()}` (trunk `{args.trunk}`, {args.config}, n = {args.horizon}, "
         f"{args.steps} steps per head).\n\n" + table(rows)
+        + "\nGreedy tree decoding (`cpmtp bench decode --greedy --mode tree --branches k`; k = 1 is the speculative "
+        "chain of the table above) and how often the kept second token was the head's 1st, 2nd, ... choice:\n\n"
+        + tree_table(rows, args.branches)
         + f"\n![tokens per forward against r]({os.path.relpath(figure, results.parent)})\n"
     )  # fmt: skip
     write_section(results, BEGIN, END, section)
@@ -178,6 +209,7 @@ def main() -> int:
             "bench_tpf_t08",
             "speedup_greedy",
             "speedup_t08",
+            *(f"{kind}_tree{k}" for k in args.branches for kind in ("bench_tpf", "speedup")),
         )
     }
     rid = log_summary_run(uri, "head_sweep", f"head sweep n={args.horizon} r={args.ranks} beta={args.betas}",

@@ -2,10 +2,11 @@
 
 cpmtp train --config configs/tiny.yaml [--run-dir DIR] [--resume auto|CHECKPOINT] [--nproc-per-node N]
             [--tracking-uri URI|none] [--experiment NAME] [key=value ...]
-cpmtp generate --checkpoint DIR --prompt TEXT|--prompt-file F [--max-new-tokens N] [--mode ar|speculative]
-               [--greedy | --temperature T --top-k K --top-p P] [--seed S]
+cpmtp generate --checkpoint DIR --prompt TEXT|--prompt-file F [--max-new-tokens N] [--mode ar|speculative|tree]
+               [--branches K] [--greedy | --temperature T --top-k K --top-p P] [--seed S]
 cpmtp eval --checkpoint DIR [--data DIR] --out FILE.json [--batches B] [--prompts K] [--new-tokens N]
 cpmtp bench decode --checkpoint DIR --out FILE.json [--prompts K | --prompt-file F...] [--max-new-tokens N]
+                   [--mode speculative|tree] [--branches K]
 cpmtp status RUN_DIR
 cpmtp plan --config FILE --nodes N --gpus-per-node G [--gpu-memory-gib M] [--top K] [key=value ...]
 cpmtp submit --nodes N [--gpus-per-node G | --tasks-per-node K] --time T [--partition P] --config FILE
@@ -92,6 +93,7 @@ def _generate(args: argparse.Namespace) -> int:
         tok.encode(prompt),
         args.max_new_tokens,
         mode=args.mode,
+        branches=args.branches,
         sampling=sampling,
         eos_id=tok.eos_id,
         seed=args.seed,
@@ -193,11 +195,13 @@ def _bench_decode(args: argparse.Namespace) -> int:
         sampling=sampling,
         repeats=args.repeats,
         eos_id=loaded.tokenizer.eos_id,
+        mode=args.mode,
+        branches=args.branches,
     )
     result = {"checkpoint": str(loaded.checkpoint)} | result
     out = _write_json(args.out, result)
     print(
-        f"autoregressive {result['ar_tokens_per_s']:.1f} tokens/s | speculative "
+        f"autoregressive {result['ar_tokens_per_s']:.1f} tokens/s | {args.mode} "
         f"{result['speculative_tokens_per_s']:.1f} tokens/s | {result['tokens_per_forward']:.2f} tokens per "
         f"forward | speed-up {result['speedup']:.2f}x -> {out}"
     )
@@ -455,6 +459,16 @@ def _submit_parser(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(fn=_submit)
 
 
+def _branches_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--branches",
+        type=int,
+        default=2,
+        help="--mode tree: children of each step's first token (top-k greedy, k draws sampled), each "
+        "continued as its own chain (default 2)",
+    )
+
+
 def _inference_parsers(sub: argparse._SubParsersAction) -> None:
     """`cpmtp generate`, `cpmtp eval` and `cpmtp bench decode`."""
     g = sub.add_parser("generate", help="decode from a checkpoint (autoregressive or self-speculative)")
@@ -465,11 +479,13 @@ def _inference_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument(
         "--mode",
-        choices=["ar", "speculative"],
+        choices=["ar", "speculative", "tree"],
         default="speculative",
         help="ar: one token per forward; speculative: draft n tokens from the CP head, keep what the model "
-        "itself would have produced (same output distribution; greedy: the same tokens)",
+        "itself would have produced (same output distribution; greedy: the same tokens); tree: draft "
+        "--branches chains that share the first token and verify them in one forward",
     )
+    _branches_arg(g)
     _sampling_args(g)
     _device_args(g)
     g.set_defaults(fn=_generate)
@@ -494,6 +510,13 @@ def _inference_parsers(sub: argparse._SubParsersAction) -> None:
     bd.add_argument("--prompts", type=int, default=8, help="held-out prompts (default 8)")
     bd.add_argument("--max-new-tokens", type=int, default=64)
     bd.add_argument("--repeats", type=int, default=3, help="timed runs per prompt and mode (median)")
+    bd.add_argument(
+        "--mode",
+        choices=["speculative", "tree"],
+        default="speculative",
+        help="the drafted mode compared with autoregressive decoding",
+    )
+    _branches_arg(bd)
     _sampling_args(bd)
     _device_args(bd)
     _tracking_args(bd)

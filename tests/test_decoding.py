@@ -20,8 +20,9 @@ from cpmtp_dist.inference.bench import bench_decode, first_difference
 from cpmtp_dist.inference.decoding import Decoder
 from cpmtp_dist.inference.generate import resolve_device
 from cpmtp_dist.inference.kv_cache import KVCache
-from cpmtp_dist.inference.sampling import Sampling, accept_or_resample
+from cpmtp_dist.inference.sampling import Sampling, accept_or_resample, multi_draft_accept
 from cpmtp_dist.model.cp_model import CPModel
+from cpmtp_dist.model.drafting import draws_without_replacement
 from cpmtp_dist.parallel.state import initialize_parallel
 from cpmtp_dist.training.trainer import training_dtype
 
@@ -116,6 +117,34 @@ def test_rollback_forgets_the_rejected_positions():
         cache.extend(torch.zeros(32 - cache.length + 1, dtype=torch.long))
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "local"])
+def test_a_tree_forward_equals_a_forward_of_each_path_and_keep_moves_a_path(attention):
+    """Tree decoding's trunk call: 7 tokens after a 10-token prefix as a tree (root; branch 1-2; branch
+    3-4-5; leaf 6): each token's hidden state is that of a plain forward over the prefix and its path. Keeping
+    the path 0-3-4 then decodes on as if only that path had been written."""
+    model = make_model(2, 2, attention=attention, trunk_options=LLAMA)
+    g = torch.Generator().manual_seed(3)
+    prefix, tree = torch.randint(0, 64, (10,), generator=g), torch.randint(0, 64, (7,), generator=g)
+    parents = [-1, 0, 1, 0, 3, 4, 0]
+    cache = KVCache(model.trunk, 32)
+    with torch.no_grad():
+        cache.extend(prefix)
+        hs = cache.extend(tree, parents)
+        for node in range(7):
+            path = [node]
+            while parents[path[0]] >= 0:
+                path.insert(0, parents[path[0]])
+            ref = full_context_hidden(model, prefix.tolist() + tree[path].tolist())[-1]
+            torch.testing.assert_close(hs[node], ref, atol=1e-5, rtol=0, msg=f"node {node}")
+        cache.keep(10, [10, 13, 14])
+        assert cache.length == 13
+        after = cache.extend(tree[5:7])
+    ref = full_context_hidden(model, prefix.tolist() + tree[[0, 3, 4, 5, 6]].tolist())[-2:]
+    torch.testing.assert_close(after, ref, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="parents must come first"):
+        cache.extend(tree[:2], [-1, 1])
+
+
 # ------------------------------------------------------------------------------------ greedy equality
 HEADS = {  # the head's config and how far its components are moved from the base model's
     "residual": ({"phi": "residual"}, 0.3),
@@ -127,23 +156,26 @@ HEADS = {  # the head's config and how far its components are moved from the bas
 @pytest.mark.parametrize("head", list(HEADS))
 @pytest.mark.parametrize("n,r", [(2, 1), (3, 2), (4, 4)])
 def test_greedy_speculative_output_is_the_greedy_autoregressive_output(n, r, head):
-    """Several prompts, outputs longer than the 24-position window (so the window refills too), a mix
-    of kept and rejected drafts. The autoregressive output itself is checked against decoding without
+    """Speculative and tree decoding: several prompts, outputs longer than the 24-position window (so the
+    window refills too), a mix of kept and rejected drafts. The autoregressive output itself is checked against decoding without
     any cache (one full forward per token) inside the first window."""
     cp, noise = HEADS[head]
     model = make_model(n, r, seq=24, sharpen=4.0, head_noise=noise, **cp)
     dec = Decoder(model)
     g = torch.Generator().manual_seed(n + r)
-    tested = passed = 0
+    tested = passed = later_branches = 0
     for length in (1, 3, 5, 11, 17, 30):
         prompt = torch.randint(0, 64, (length,), generator=g).tolist()
         ar = dec.generate(prompt, 40, mode="ar")
         spec = dec.generate(prompt, 40, mode="speculative")
+        tree = dec.generate(prompt, 40, mode="tree", branches=3)
         assert spec.tokens == ar.tokens, (length, spec.stats.as_dict())
+        assert tree.tokens == ar.tokens, (length, tree.stats.as_dict())
         assert len(ar.tokens) == 40 and ar.stats.tokens_per_forward == 1.0
         assert spec.stats.forwards < ar.stats.forwards or spec.stats.passed[1] == 0
         tested += spec.stats.tested[1]
         passed += spec.stats.passed[1]
+        later_branches += sum(tree.stats.kept_branch[1:])
         if length < 24:
             ids, ref = list(prompt[-24:]), []
             while len(ids) < 24 and len(ref) < len(ar.tokens):
@@ -152,6 +184,7 @@ def test_greedy_speculative_output_is_the_greedy_autoregressive_output(n, r, hea
                 ref.append(nxt)
             assert ar.tokens[: len(ref)] == ref
     assert 0 < passed < tested, (passed, tested)  # both paths of the verification ran
+    assert later_branches > 0  # the tree kept a path other than the chain's: its cache moved a path
 
 
 @pytest.mark.parametrize("trunk", [{}, LLAMA], ids=["gpt", "llama"])
@@ -211,6 +244,32 @@ def test_accept_or_resample_returns_draws_of_the_verifier():
     assert chi.pvalue > 1e-3, (counts, chi)
 
 
+def test_recursive_rejection_over_candidates_drawn_without_replacement_returns_draws_of_the_verifier():
+    """Tree decoding's test of k children: 3 candidates drawn from q without replacement, tested in draw
+    order; the kept token (or the final correction) is distributed as p. Testing each candidate against
+    the unchanged p and q instead (no residual, no removal) fails the same test."""
+    p = torch.tensor([0.05, 0.4, 0.3, 0.2, 0.05, 0.0])
+    q = torch.tensor([0.45, 0.05, 0.1, 0.1, 0.2, 0.1])
+    g = torch.Generator().manual_seed(0)
+
+    def naive(log_p, log_q, tokens, gen):
+        for i, x in enumerate(tokens):
+            ok, _ = accept_or_resample(log_p, log_q, x, gen)
+            if ok:
+                return i, x
+        return None, accept_or_resample(log_p, log_q, tokens[-1], gen)[1]
+
+    draws = 3000
+    for accept, ok in ((multi_draft_accept, True), (naive, False)):
+        counts = torch.zeros(6)
+        for _ in range(draws):
+            candidates = draws_without_replacement(q.log(), 3, g).tolist()
+            _, y = accept(p.log(), q.log(), candidates, g)
+            counts[y] += 1
+        pvalue = stats.chisquare(counts[:5].numpy(), (p[:5] * draws).numpy()).pvalue
+        assert (counts[5] == 0 and pvalue > 1e-3) if ok else pvalue < 1e-6, (accept.__name__, counts, pvalue)
+
+
 def exact_sampling_distribution(model: CPModel, prompt: list[int], k: int, s: Sampling) -> dict:
     """P(x_1..x_k) of plain sampling, from full forwards without a cache, over all V^k outcomes."""
     vocab = model.cfg.trunk.vocab_size
@@ -224,13 +283,18 @@ def exact_sampling_distribution(model: CPModel, prompt: list[int], k: int, s: Sa
     return probs
 
 
-def speculative_counts(model: CPModel, prompt: list[int], k: int, s: Sampling, draws: int) -> dict:
+def speculative_counts(
+    model: CPModel, prompt: list[int], k: int, s: Sampling, draws: int, mode: str
+) -> tuple:
+    """Outputs of `draws` decodings (counts by output) and how often the tree kept a later child."""
     dec = Decoder(model)
     counts: dict = {}
+    later = 0
     for i in range(draws):
-        out = tuple(dec.generate(prompt, k, mode="speculative", sampling=s, seed=i).tokens)
-        counts[out] = counts.get(out, 0) + 1
-    return counts
+        out = dec.generate(prompt, k, mode=mode, branches=2, sampling=s, seed=i)
+        counts[tuple(out.tokens)] = counts.get(tuple(out.tokens), 0) + 1
+        later += sum(out.stats.kept_branch[1:])
+    return counts, later
 
 
 def chi_square_pvalue(counts: dict, probs: dict, draws: int) -> float:
@@ -247,25 +311,28 @@ def chi_square_pvalue(counts: dict, probs: dict, draws: int) -> float:
 
 
 @pytest.mark.slow
-def test_speculative_sampling_has_the_distribution_of_plain_sampling(monkeypatch):
+@pytest.mark.parametrize("mode", ["speculative", "tree"])
+def test_speculative_sampling_has_the_distribution_of_plain_sampling(monkeypatch, mode):
     """V = 4, n = 3, r = 2, temperature 0.9 and top-k 3: the first three sampled tokens (64 outcomes)
-    from 2000 speculative decodings against the exact distribution of plain sampling (about 70 % of the
-    second drafts are kept, so both the kept drafts and the corrections are exercised). The same test
-    rejects a decoder that keeps every draft (the draft's conditionals differ from the verifier's)."""
+    from 2000 speculative (tree: 2 children per step) decodings against the exact distribution of plain
+    sampling (about 70 % of the second drafts are kept, so both the kept drafts and the corrections are
+    exercised; the tree also keeps its second child). The same test rejects a decoder that keeps every
+    first draft (the draft's conditionals differ from the verifier's)."""
     model = make_model(3, 2, vocab=4, layers=1, sharpen=3.0, head_noise=0.3)
     s = Sampling(greedy=False, temperature=0.9, top_k=3)
     prompt = [1, 2, 3, 0, 2]
     probs = exact_sampling_distribution(model, prompt, 3, s)
     draws = 2000
-    counts = speculative_counts(model, prompt, 3, s, draws)
+    counts, later = speculative_counts(model, prompt, 3, s, draws, mode)
     assert chi_square_pvalue(counts, probs, draws) > 1e-3
+    assert (later > 0) == (mode == "tree")
 
     monkeypatch.setattr(
-        "cpmtp_dist.inference.decoding.accept_or_resample", lambda log_p, log_q, token, gen: (True, token)
+        "cpmtp_dist.inference.decoding.multi_draft_accept", lambda log_p, log_q, tokens, gen: (0, tokens[0])
     )
-    wrong = speculative_counts(model, prompt, 3, s, 600)
+    wrong, _ = speculative_counts(model, prompt, 3, s, 600, mode)
     assert chi_square_pvalue(wrong, probs, 600) < 1e-6
-    assert sampling_mod.accept_or_resample is accept_or_resample  # only the decoder's reference was patched
+    assert sampling_mod.multi_draft_accept is multi_draft_accept  # only the decoder's reference was patched
 
 
 # ---------------------------------------------------------------------------------------- bench decode

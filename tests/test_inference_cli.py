@@ -51,6 +51,7 @@ def test_generate_greedy_is_the_same_text_both_ways_and_sampling_runs(trained, c
         return rc, out.out, out.err
 
     assert run("40", "--mode", "speculative")[:2] == (0, ar.stdout)  # --device auto: the CPU here
+    assert run("40", "--mode", "tree", "--branches", "3")[:2] == (0, ar.stdout)
     sampled = run("20", "--temperature", "0.8", "--top-p", "0.9", "--seed", "3")
     again = run("20", "--temperature", "0.8", "--top-p", "0.9", "--seed", "3")
     assert sampled[0] == 0 and sampled[1] == again[1]  # seeded
@@ -120,11 +121,15 @@ def test_bench_decode_compares_both_modes_on_the_same_prompts(trained):
     assert res.returncode == 0, res.stderr[-3000:]
     result = json.loads(out.read_text())
     assert "n = 4, r = 4" in result["model"]
+    assert list(result["runs"]) == ["greedy", "sampling, T = 1", "tree, k = 4 (greedy)"]
     for name, b in result["runs"].items():
-        assert b["prompts"] == 2 and b["sampling"]["greedy"] is (name == "greedy")
+        assert b["prompts"] == 2 and b["sampling"]["greedy"] is (name != "sampling, T = 1")
         assert b["ar_tokens_per_s"] > 0 and b["speculative_tokens_per_s"] > 0
         assert b["speedup"] == pytest.approx(b["speculative_tokens_per_s"] / b["ar_tokens_per_s"])
         assert 1 <= b["tokens_per_forward"] <= 4
         assert (b["device"], b["dtype"]) == ("cpu", "float32")  # train.precision=auto on a CPU
-    assert result["runs"]["greedy"]["greedy_first_divergence"] == [None, None]  # fp32: identical outputs
+    for name in ("greedy", "tree, k = 4 (greedy)"):
+        assert result["runs"][name]["greedy_first_divergence"] == [None, None]  # fp32: identical outputs
+    tree = result["runs"]["tree, k = 4 (greedy)"]
+    assert (tree["mode"], tree["branches"], len(tree["kept_branch"])) == ("tree", 4, 4)
     assert "| greedy |" in md.read_text() and "speed-up" in res.stdout

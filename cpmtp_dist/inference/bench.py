@@ -1,4 +1,5 @@
-"""`cpmtp bench decode`: autoregressive vs self-speculative decoding of the same model and prompts.
+"""`cpmtp bench decode`: autoregressive vs drafted (self-speculative, or tree) decoding of the same model
+and prompts. The result's `speculative_*` entries are those of the drafted mode (`mode`, `branches`).
 
 Batch 1, KV cache in both modes. Every prompt is decoded `repeats` times in each mode, alternating
 (A B A B ...) so that drifts of a shared machine hit both alike; a prompt's time in a mode is the median
@@ -30,8 +31,14 @@ def bench_decode(
     sampling: Sampling,
     repeats: int = 3,
     eos_id: int | None = None,
+    mode: str = "speculative",
+    branches: int = 2,
 ) -> dict:
-    decoder.generate(prompts[0], min(8, max_new_tokens), mode="speculative", sampling=sampling)  # warm-up
+    if mode == "ar":
+        raise ValueError("--mode ar: the benchmark compares a drafted mode (speculative, tree) with ar")
+    modes = {"ar": "ar", "speculative": mode}
+    warm = min(8, max_new_tokens)
+    decoder.generate(prompts[0], warm, mode=mode, branches=branches, sampling=sampling)  # warm-up
     times: dict[str, list[float]] = {"ar": [], "speculative": []}
     stats: dict[str, list] = {"ar": [], "speculative": []}
     tokens = {"ar": 0, "speculative": 0}
@@ -41,24 +48,25 @@ def bench_decode(
         per_mode: dict[str, list[float]] = {"ar": [], "speculative": []}
         outputs: dict[str, list[int]] = {}
         for rep in range(repeats):
-            for mode in ("ar", "speculative"):
+            for key, how in modes.items():
                 out = decoder.generate(
-                    prompt, max_new_tokens, mode=mode, sampling=sampling, eos_id=eos_id, seed=1000 * i + rep
-                )
-                per_mode[mode].append(out.stats.seconds)
+                    prompt, max_new_tokens, mode=how, branches=branches, sampling=sampling, eos_id=eos_id,
+                    seed=1000 * i + rep,
+                )  # fmt: skip
+                per_mode[key].append(out.stats.seconds)
                 if rep == 0:
-                    stats[mode].append(out.stats)
-                    tokens[mode] += out.stats.new_tokens
-                    outputs[mode] = out.tokens
+                    stats[key].append(out.stats)
+                    tokens[key] += out.stats.new_tokens
+                    outputs[key] = out.tokens
         if sampling.greedy:
             divergence.append(first_difference(outputs["ar"], outputs["speculative"]))
             if exact and divergence[-1] is not None:
                 raise AssertionError(
-                    f"prompt {i}: greedy speculative output differs from greedy autoregressive at new token "
+                    f"prompt {i}: greedy {mode} output differs from greedy autoregressive at new token "
                     f"{divergence[-1]} ({decoder.dtype})"
                 )
-        for mode in times:
-            times[mode].append(statistics.median(per_mode[mode]))
+        for key in times:
+            times[key].append(statistics.median(per_mode[key]))
     ar_tps = tokens["ar"] / sum(times["ar"])
     spec_tps = tokens["speculative"] / sum(times["speculative"])
     spec = merge_stats(stats["speculative"])
@@ -70,6 +78,8 @@ def bench_decode(
             "top_k": sampling.top_k,
             "top_p": sampling.top_p,
         },
+        "mode": mode,
+        **({"branches": branches, "kept_branch": spec["kept_branch"]} if mode == "tree" else {}),
         "prompts": len(prompts),
         "device": str(decoder.device),
         "dtype": str(decoder.dtype).removeprefix("torch."),

@@ -1,18 +1,20 @@
-"""Decoding one sequence with a KV cache: plain autoregressive, or self-speculative (docs/MODEL.md).
+"""Decoding one sequence with a KV cache: plain autoregressive, self-speculative, or tree (docs/MODEL.md).
 
-Both modes run the same loop. Each step has a *first* token (from the model's own next-token
-distribution at the last accepted position, or the correction of the previous step's rejection) and,
-in speculative mode, n - 1 more drafted by the CP head's chain. The trunk runs once over the k step
-tokens, which gives the verifier's next-token distribution after each; draft token s + 1 is kept while
-it passes its test against the verifier after token s (greedy: equal to its argmax; sampling:
-accept with probability min(1, p/q), else draw the correction from normalise(max(0, p - q))). The KV
-cache is rolled back to the accepted prefix and the next step starts from the last accepted position.
-Autoregressive mode is the same loop with k = 1.
+All modes run the same loop. Each step has a *first* token (from the model's own next-token distribution
+at the last accepted position, or the correction of the previous step's rejection) and, after it, the CP
+head's drafts: none (autoregressive), one chain of up to n - 1 tokens (speculative), or a tree (tree mode:
+the first token's top-k / k sampled children, each continued as its own chain of the mixture). The trunk
+runs once over the step's tokens (a tree with a tree attention mask), which gives the verifier's
+next-token distribution after each. Starting at the first token, a child is kept when it passes its test
+against the verifier at its parent (greedy: equal to the verifier's argmax; sampling: recursive rejection
+sampling over the children in the order they were drawn, `multi_draft_accept`; one child is plain
+speculative sampling), and the walk goes on from it. The KV cache keeps the accepted path and the next step
+starts from its last token; a rejection's correction is the next step's first token.
 
 Context window: the cache holds at most `capacity` positions (the trunk's trained sequence length by
 default). When it is full, it is refilled with the last capacity / 2 tokens and decoding continues; a
 step never verifies past the end of the window. The window therefore depends only on the absolute
-position of a token, in both modes, which keeps greedy speculative decoding identical to greedy
+position of a token, in every mode, which keeps greedy drafted decoding identical to greedy
 autoregressive decoding for outputs of any length.
 
 Counts: a *forward* is one trunk call after the prompt's prefill (window refills are counted apart);
@@ -29,17 +31,18 @@ import torch
 from torch import Tensor
 
 from cpmtp_dist.inference.kv_cache import KVCache
-from cpmtp_dist.inference.sampling import Sampling, accept_or_resample
+from cpmtp_dist.inference.sampling import Sampling, multi_draft_accept
 from cpmtp_dist.model.cp_model import CPModel
-from cpmtp_dist.model.drafting import draft_from_factors, first_token_factors
+from cpmtp_dist.model.drafting import draft_tree, first_token_factors
 
-MODES = ("ar", "speculative")
+MODES = ("ar", "speculative", "tree")
 
 
 @dataclass
 class DecodeStats:
     mode: str
     horizon: int
+    branches: int = 1  # tree mode: children of each step's first token
     new_tokens: int = 0
     forwards: int = 0
     accepted: int = 0
@@ -47,6 +50,9 @@ class DecodeStats:
     seconds: float = 0.0
     tested: list[int] = field(default_factory=list)  # per head position s: steps that tested draft s
     passed: list[int] = field(default_factory=list)  # ... and kept it
+    kept_branch: list[int] = field(
+        default_factory=list
+    )  # tree mode: steps whose kept second token was child b
 
     @property
     def tokens_per_forward(self) -> float:
@@ -60,6 +66,7 @@ class DecodeStats:
     def as_dict(self) -> dict:
         return {
             "mode": self.mode,
+            "branches": self.branches,
             "new_tokens": self.new_tokens,
             "forwards": self.forwards,
             "accepted": self.accepted,
@@ -67,6 +74,7 @@ class DecodeStats:
             "acceptance": self.acceptance,
             "tested": self.tested,
             "passed": self.passed,
+            "kept_branch": self.kept_branch,
             "refills": self.refills,
             "seconds": self.seconds,
         }
@@ -76,6 +84,28 @@ class DecodeStats:
 class Decoded:
     tokens: list[int]  # the new tokens only
     stats: DecodeStats
+
+
+@dataclass
+class _Step:
+    """One step's tokens as a tree in node order: node 0 is the first token, `parents[i]` < i, and
+    `children[i]` lists node i's children in the order they were drawn from `log_q[i]` (sampling)."""
+
+    tokens: list[int]
+    parents: list[int]
+    children: dict[int, list[int]]
+    log_q: dict[int, Tensor]
+
+
+@dataclass
+class _Position:
+    """The model at the last accepted position: hidden state, gate log-weights, first factors and the
+    next-token log-marginal, each with a leading dimension of 1."""
+
+    h: Tensor
+    log_w: Tensor
+    first: Tensor
+    marginal: Tensor
 
 
 class Decoder:
@@ -108,6 +138,64 @@ class Decoder:
         self.cache.extend(self._tokens(keep))
         stats.refills += 1
 
+    def _draft(self, first: int, at: _Position, depth: int, branches: int, sampling: Sampling, gen) -> _Step:
+        """The step's tree: the first token, then `branches` chains of `depth` drafted tokens each."""
+        if depth == 0:
+            return _Step([first], [-1], {}, {})
+        rest = self.head.factor_log_probs(at.h, self.model.unembedding(), slice(1, 1 + depth))[0]
+        log_pi = at.log_w[0] + at.first[0, :, first]  # the gate reweighted by the first token
+        greedy = sampling.greedy
+        d = draft_tree(
+            log_pi,
+            rest,
+            branches,
+            greedy=greedy,
+            generator=gen,
+            transform=None if greedy else sampling.transform,
+        )
+        tokens, parents, children, log_q = [first], [-1], {0: []}, {}
+        if not greedy:
+            log_q[0] = d.root_log_q
+        for b, chain in enumerate(d.tokens.tolist()):
+            for j, token in enumerate(chain):  # node 1 + b * depth + j
+                node = len(tokens)
+                parent = 0 if j == 0 else node - 1
+                tokens.append(token)
+                parents.append(parent)
+                children.setdefault(parent, []).append(node)
+                if j > 0 and not greedy:
+                    log_q[parent] = d.log_q[b, j - 1]
+        return _Step(tokens, parents, children, log_q)
+
+    def _verify(
+        self, step: _Step, marginal: Tensor, sampling: Sampling, gen, stats: DecodeStats
+    ) -> tuple[list[int], int | None]:
+        """Walk the tree from node 0 against the verifier's log-marginals at its nodes (m, V): the kept
+        path (node indices) and, after a rejection, the correction token."""
+        best = marginal.argmax(dim=-1).tolist() if sampling.greedy else None
+        path, node = [0], 0
+        stats.tested[0] += 1
+        stats.passed[0] += 1
+        while kids := step.children.get(node):
+            depth = len(path)
+            stats.tested[depth] += 1
+            if best is not None:
+                hits = [c for c in kids if step.tokens[c] == best[node]]
+                if not hits:
+                    return path, None
+                node = hits[0]
+            else:
+                log_p = sampling.transform(marginal[node])
+                i, token = multi_draft_accept(log_p, step.log_q[node], [step.tokens[c] for c in kids], gen)
+                if i is None:
+                    return path, token
+                node = kids[i]
+            if depth == 1:
+                stats.kept_branch[kids.index(node)] += 1
+            stats.passed[depth] += 1
+            path.append(node)
+        return path, None
+
     @torch.inference_mode()
     def generate(
         self,
@@ -115,89 +203,64 @@ class Decoder:
         max_new_tokens: int,
         *,
         mode: str = "ar",
+        branches: int = 2,
         sampling: Sampling | None = None,
         eos_id: int | None = None,
         seed: int = 0,
     ) -> Decoded:
+        """`branches`: tree mode's children of each step's first token (the other modes draft one chain)."""
         if mode not in MODES:
             raise ValueError(f"--mode {mode!r}: choose one of {', '.join(MODES)}")
+        if branches < 1:
+            raise ValueError(f"--branches {branches}: must be >= 1")
         if not prompt:
             raise ValueError("the prompt encodes to no tokens: give a non-empty prompt")
         sampling = sampling or Sampling()
-        greedy = sampling.greedy
-        transform = None if greedy else sampling.transform
-        gen = None if greedy else torch.Generator(device=self.device).manual_seed(seed)
-        n = self.horizon if mode == "speculative" else 1
-        stats = DecodeStats(mode=mode, horizon=n, tested=[0] * n, passed=[0] * n)
+        gen = None if sampling.greedy else torch.Generator(device=self.device).manual_seed(seed)
+        n = 1 if mode == "ar" else self.horizon
+        branches = branches if mode == "tree" else 1
+        stats = DecodeStats(mode, n, branches, tested=[0] * n, passed=[0] * n, kept_branch=[0] * branches)
         start = time.perf_counter()
 
         ids = list(prompt)
         self.cache.reset()
         h = self.cache.extend(self._tokens(ids[-self.capacity :]))[-1:]
-        log_w, first_factors, marginal = self._first_factors(h)
-        forced: Tensor | None = None
+        at = _Position(h, *self._first_factors(h))
+        forced: int | None = None
         out: list[int] = []
         while len(out) < max_new_tokens:
             remaining = max_new_tokens - len(out)
-            if n == 1:
-                log_q = marginal if transform is None else transform(marginal)
-                step = [forced.item() if forced is not None else sampling.pick(log_q[0], gen)]
-                draft_log_q = None
+            if forced is not None:
+                first = forced
             else:
-                rest = self.head.factor_log_probs(h, self.model.unembedding(), slice(1, min(n, remaining)))
-                d = draft_from_factors(
-                    log_w,
-                    torch.cat([first_factors.unsqueeze(2), rest], dim=2),
-                    greedy=greedy,
-                    generator=gen,
-                    transform=transform,
-                    first=forced,
-                )
-                step, draft_log_q = d.tokens[0].tolist(), d.log_q[0]
-            forced = None
-            if step[0] == eos_id:
+                log_q = at.marginal[0] if sampling.greedy else sampling.transform(at.marginal[0])
+                first = sampling.pick(log_q, gen)
+            if first == eos_id:
                 break
             if remaining == 1:
-                out.append(step[0])
+                out.append(first)
                 break
             if self.cache.length == self.capacity:
                 self._refill(ids, stats)
-            k = min(len(step), remaining, self.capacity - self.cache.length)
+            free = self.capacity - self.cache.length  # the step's tree must fit in the window
+            depth = min(n - 1, remaining - 1, free - 1)
+            step = self._draft(first, at, depth, min(branches, (free - 1) // max(depth, 1)), sampling, gen)
             base = self.cache.length
-            hs = self.cache.extend(self._tokens(step[:k]))
+            hs = self.cache.extend(self._tokens(step.tokens), step.parents)
             stats.forwards += 1
-            log_w_k, first_k, marginal_k = self._first_factors(hs)
-            kept = 1
-            stats.tested[0] += 1
-            stats.passed[0] += 1
-            for i in range(k - 1):  # draft token i + 1 against the verifier after token i
-                stats.tested[i + 1] += 1
-                if greedy:
-                    ok = int(marginal_k[i].argmax()) == step[i + 1]
-                else:
-                    ok, token = accept_or_resample(
-                        transform(marginal_k[i]), draft_log_q[i + 1], step[i + 1], gen
-                    )
-                    if not ok:
-                        forced = self._tokens([token])
-                if not ok:
-                    break
-                kept += 1
-                stats.passed[i + 1] += 1
-            accepted = step[:kept]
-            stats.accepted += kept
+            log_w, first_f, marginal = self._first_factors(hs)
+            path, forced = self._verify(step, marginal, sampling, gen, stats)
+            accepted = [step.tokens[i] for i in path]
+            stats.accepted += len(accepted)
             if eos_id in accepted:
                 out.extend(accepted[: accepted.index(eos_id)])
                 break
             out.extend(accepted)
             ids.extend(accepted)
-            self.cache.rollback(base + kept)
-            h = hs[kept - 1 : kept]
-            log_w, first_factors, marginal = (
-                log_w_k[kept - 1 : kept],
-                first_k[kept - 1 : kept],
-                marginal_k[kept - 1 : kept],
-            )
+            self.cache.keep(base, [base + i for i in path])
+            last = path[-1]
+            at = _Position(hs[last : last + 1], log_w[last : last + 1], first_f[last : last + 1],
+                           marginal[last : last + 1])  # fmt: skip
         stats.new_tokens = len(out)
         stats.seconds = time.perf_counter() - start
         return Decoded(out, stats)

@@ -56,12 +56,14 @@ def merge_stats(runs: Sequence[DecodeStats]) -> dict:
     total = DecodeStats(
         mode=runs[0].mode,
         horizon=runs[0].horizon,
+        branches=runs[0].branches,
         new_tokens=sum(r.new_tokens for r in runs),
         forwards=sum(r.forwards for r in runs),
         accepted=sum(r.accepted for r in runs),
         seconds=sum(r.seconds for r in runs),
         tested=[sum(col) for col in zip(*(r.tested for r in runs), strict=True)],
         passed=[sum(col) for col in zip(*(r.passed for r in runs), strict=True)],
+        kept_branch=[sum(col) for col in zip(*(r.kept_branch for r in runs), strict=True)],
     )
     return {
         "sequences": len(runs),
@@ -70,6 +72,7 @@ def merge_stats(runs: Sequence[DecodeStats]) -> dict:
         "tokens_per_forward": total.tokens_per_forward,
         "acceptance": total.acceptance,
         "seconds": total.seconds,
+        **({"branches": total.branches, "kept_branch": total.kept_branch} if total.mode == "tree" else {}),
     }
 
 

@@ -61,9 +61,34 @@ def accept_or_resample(
     Accept with probability min(1, p(x) / q(x)); otherwise return a draw from normalise(max(0, p - q)).
     Either way the returned token is distributed as p (Leviathan et al., 2023).
     """
+    kept, out = multi_draft_accept(log_p, log_q, [token], generator)
+    return kept is not None, out
+
+
+def multi_draft_accept(
+    log_p: Tensor, log_q: Tensor, tokens: list[int], generator: torch.Generator | None
+) -> tuple[int | None, int]:
+    """Recursive rejection sampling of candidates drawn from q one after another *without replacement*
+    against the verifier p (both (V,)): (index of the kept candidate or None, the token).
+
+    Candidate i is tested as in `accept_or_resample`, against p_i and q_i: p_1 = p, q_1 = q; after a
+    rejection p_{i+1} = normalise(max(0, p_i - q_i)) and q_{i+1} is q_i without the rejected token,
+    renormalised (the distribution the next candidate was drawn from). Each test returns a draw of its p_i,
+    so the result is distributed as p whatever the candidates (Jeon et al., 2024; one candidate is exactly
+    `accept_or_resample`). When all are rejected the token is a draw from the last residual.
+    """
     p, q = log_p.exp(), log_q.exp()
-    u = torch.rand((), generator=generator, dtype=p.dtype, device=p.device)
-    if u * q[token] <= p[token]:
-        return True, token
-    residual = (p - q).clamp_min(0)
-    return False, int(torch.multinomial(residual / residual.sum(), 1, generator=generator))
+    for i, token in enumerate(tokens):
+        u = torch.rand((), generator=generator, dtype=p.dtype, device=p.device)
+        if u * q[token] <= p[token]:
+            return i, token
+        residual = (p - q).clamp_min(0)
+        total = residual.sum()
+        if not total > 0:  # p = q up to rounding, where a rejection has probability 0
+            return i, token
+        p = residual / total
+        q = q.index_fill(0, torch.tensor([token], device=q.device), 0.0)
+        if not q.sum() > 0:
+            break
+        q = q / q.sum()
+    return None, int(torch.multinomial(p, 1, generator=generator))

@@ -5,6 +5,10 @@ The next-token distribution is the exact marginal of the joint:
 Exact draws from the joint proceed as a chain: draw x_{t+1} from the marginal, then reweight the
 components by what was drawn, pi_a ∝ w_a prod_{j<s} P_a^(j)(x_{t+j}), and draw x_{t+s} from
 sum_a pi_a P_a^(s). Greedy drafting takes the argmax at each link of the same chain.
+
+A tree draft (`draft_tree`) branches after a given first token: its children are the top-k tokens of the
+second conditional (greedy) or k draws from it without replacement (sampling), and each child continues its
+own chain on its own reweighted gate.
 """
 
 from __future__ import annotations
@@ -95,3 +99,76 @@ def draft(
     """
     log_p = head.all_factor_log_probs(h, shared_unembedding)
     return draft_from_factors(head.gate_log_weights(h), log_p, greedy=greedy, generator=generator)
+
+
+def greedy_chain(pi: Tensor, probs: Tensor) -> Tensor:
+    """The greedy chain from normalised gate weights `pi` (N, r) over the factors' probabilities `probs`
+    (r, S, V) shared by all N rows: tokens (N, S). The argmaxes of `draft_from_factors(greedy=True)` (up to
+    rounding in near-ties), computed in probability space without the conditionals' logarithms: the
+    decoding path, where a greedy draft's conditionals are never read."""
+    tokens = []
+    for s in range(probs.shape[1]):
+        x = (pi @ probs[:, s]).argmax(dim=-1)  # (N,): the argmax of sum_a pi_a P_a^(s)
+        pi = pi * probs[:, s, x].t()  # the argmax keeps at least 1/V of the mixture: no underflow
+        pi = pi / pi.sum(dim=-1, keepdim=True)
+        tokens.append(x)
+    return torch.stack(tokens, dim=1) if tokens else pi.new_zeros(pi.shape[0], 0, dtype=torch.long)
+
+
+@dataclass
+class TreeDraft:
+    tokens: (
+        Tensor  # (k, D): branch b's chain x_2..x_{D+1}; its first token is child b of the given first token
+    )
+    root_log_q: Tensor | None  # (V,): the conditional the k children were drawn from (sampling only)
+    log_q: Tensor | None  # (k, D - 1, V): each branch's conditionals after its child (sampling only)
+
+
+@torch.no_grad()
+def draft_tree(
+    log_pi: Tensor,
+    log_p: Tensor,
+    branches: int,
+    *,
+    greedy: bool,
+    generator: torch.Generator | None = None,
+    transform: Callable[[Tensor], Tensor] | None = None,
+) -> TreeDraft:
+    """A tree of `branches` chains after a fixed first token (one branch: the speculative chain).
+
+    `log_pi` (r,): the gate's log-weights reweighted by the first token, log w_a + log P_a^(1)(x_1);
+    `log_p` (r, D, V): the factors of head positions 2 .. D + 1. The children (second tokens) are the
+    top-k of the second conditional (greedy) or k sequential draws from it without replacement (sampling;
+    fewer where it has fewer tokens); each continues as a chain conditioned on x_1 and itself.
+    """
+    r, depth, vocab = log_p.shape
+    if greedy:
+        probs = log_p.exp()
+        pi = torch.softmax(log_pi, dim=-1)
+        children = (pi @ probs[:, 0]).topk(min(branches, vocab)).indices
+        pi_k = pi.unsqueeze(0) * probs[:, 0, children].t()  # (k, r)
+        rest = greedy_chain(pi_k / pi_k.sum(dim=-1, keepdim=True), probs[:, 1:])
+        return TreeDraft(torch.cat([children[:, None], rest], dim=1), None, None)
+    root_log_q = mixture(log_pi - torch.logsumexp(log_pi, dim=-1), log_p[:, 0])
+    if transform is not None:
+        root_log_q = transform(root_log_q)
+    children = draws_without_replacement(root_log_q, branches, generator)
+    k = children.shape[0]
+    if depth == 1:
+        return TreeDraft(children[:, None], root_log_q, log_p.new_zeros(k, 0, vocab))
+    log_pi_k = log_pi.unsqueeze(0) + log_p[:, 0, children].t()  # (k, r)
+    rest = log_p[:, 1:].expand(k, r, depth - 1, vocab)
+    d = draft_from_factors(log_pi_k, rest, greedy=False, generator=generator, transform=transform)
+    return TreeDraft(torch.cat([children[:, None], d.tokens], dim=1), root_log_q, d.log_q)
+
+
+def draws_without_replacement(log_q: Tensor, k: int, generator: torch.Generator | None) -> Tensor:
+    """k sequential draws from exp(log_q) (V,), each from what is left after removing the earlier ones,
+    in draw order (fewer when fewer than k tokens have mass)."""
+    q = log_q.exp()
+    out = []
+    for _ in range(min(k, int((q > 0).sum()))):
+        x = torch.multinomial(q, 1, generator=generator)
+        out.append(x)
+        q = q.index_fill(0, x, 0.0)
+    return torch.cat(out)

@@ -155,17 +155,27 @@ def _run(
     *,
     cache: BaseInferenceContext | None = None,
     attention_mask: Tensor | None = None,
+    positions: Tensor | None = None,
 ) -> Tensor:
     """Megatron's ``_preprocess`` then ``decoder`` for `tokens` (B, k) at positions offset .. offset + k - 1
-    (offset = the positions `cache` already holds, else 0); sequence-first output [k, B, d]."""
+    (offset = the positions `cache` already holds, else 0), or at `positions` (k,) when given (a tree of
+    tokens in cache slots offset .. offset + k - 1); sequence-first output [k, B, d]."""
     batch, k = tokens.shape
     offset = cache.sequence_len_offset if cache is not None else 0
-    # RoPE rotates by position index (from the cache's offset); the embedding wants position ids anyway.
-    position_ids = torch.arange(offset, offset + k, device=tokens.device).unsqueeze(0).expand(batch, k)
+    slots = torch.arange(offset, offset + k, device=tokens.device)
+    position_ids = (slots if positions is None else positions).unsqueeze(0).expand(batch, k)
     preproc = model._preprocess(input_ids=tokens, position_ids=position_ids, inference_context=cache)
     decoder_input, rotary_pos_emb, rotary_pos_cos, rotary_pos_sin, sequence_len_offset, padding_mask = (
         preproc[:6]
     )
+    if positions is not None:
+        # Megatron rotates the query in cache slot i, and the cached (unrotated) key in slot j, by row i / j
+        # of the rotary table: a table whose rows are those of each slot's position puts the tree's tokens at
+        # their depths.
+        if rotary_pos_emb is None or rotary_pos_cos is not None:
+            raise ValueError("tree positions need the trunk's plain RoPE table (no flash decoding)")
+        rows = torch.cat([torch.arange(offset, device=tokens.device), positions])
+        rotary_pos_emb = rotary_pos_emb[rows]
     return model.decoder(
         hidden_states=decoder_input,
         attention_mask=attention_mask,
@@ -245,7 +255,9 @@ def unembedding_weight(model: GPTModel) -> Tensor:
     return weight
 
 
-def cached_forward(model: GPTModel, tokens: Tensor, cache: BaseInferenceContext) -> Tensor:
+def cached_forward(
+    model: GPTModel, tokens: Tensor, cache: BaseInferenceContext, parents: list[int] | None = None
+) -> Tensor:
     """Final hidden states (B, k, d) of `tokens` (B, k) appended after the `cache.sequence_len_offset`
     positions already held in megatron's static KV cache `cache` (a ``StaticInferenceContext``).
 
@@ -254,11 +266,26 @@ def cached_forward(model: GPTModel, tokens: Tensor, cache: BaseInferenceContext)
     ``cpmtp_dist/inference/kv_cache.py``). RoPE rotates by absolute position. Megatron drops its causal
     mask once the offset is past 0 (one query per step needs none); k > 1 new tokens after a prefix get
     the explicit mask "query at offset + i sees keys 0 .. offset + i".
+
+    `parents` (k,) makes the k tokens a tree after the prefix instead of a sequence: token i's parent is
+    token parents[i] (< i; -1: a child of the prefix's last position). Token i then sits at position
+    offset + (its number of ancestors among the k) and sees the prefix, its ancestors and itself only (a tree
+    attention mask).
     """
     if not (model.pre_process and model.post_process):
         raise ValueError("cached_forward needs the whole trunk (pp = 1)")
     k = tokens.shape[1]
     offset = cache.sequence_len_offset
+    if parents is not None and parents != list(range(-1, k - 1)):
+        if offset == 0:
+            raise ValueError("a tree of tokens needs a prefix in the cache")
+        sees, depth = tree_visibility(parents)
+        mask = torch.ones(k, offset + k, dtype=torch.bool)
+        mask[:, :offset] = False
+        mask[:, offset:] = ~sees
+        positions = offset + torch.tensor(depth, device=tokens.device)
+        mask = mask.to(tokens.device)[None, None]
+        return _run(model, tokens, cache=cache, attention_mask=mask, positions=positions).transpose(0, 1)
     mask = None
     if offset > 0 and k > 1:
         query = torch.arange(offset, offset + k, device=tokens.device)[:, None]
@@ -266,3 +293,18 @@ def cached_forward(model: GPTModel, tokens: Tensor, cache: BaseInferenceContext)
         mask = (key > query)[None, None]  # True = masked, megatron's convention
     out = _run(model, tokens, cache=cache, attention_mask=mask)
     return out.transpose(0, 1)
+
+
+def tree_visibility(parents: list[int]) -> tuple[Tensor, list[int]]:
+    """For a tree given by `parents` (parents[i] < i, -1 for a child of the prefix): which tokens each
+    token sees (itself and its ancestors), (k, k) bool, and each token's number of ancestors."""
+    k = len(parents)
+    sees = torch.eye(k, dtype=torch.bool)
+    depth = [0] * k
+    for i, parent in enumerate(parents):
+        if not -1 <= parent < i:
+            raise ValueError(f"token {i} of a tree has parent {parent}: parents must come first")
+        if parent >= 0:
+            sees[i] |= sees[parent]
+            depth[i] = depth[parent] + 1
+    return sees, depth
