@@ -2,10 +2,12 @@
 
     python bench/decode_breakdown.py --checkpoint runs/rank_sweep/r4/checkpoints
 
-Decodes the held-out prompts of `cpmtp bench decode` in both modes (greedy, batch 1) with timers around
-the trunk's cached forward, the verifier's next-token distributions and the drafting chain; prints the
-median of each per call and the mean time per step (one trunk forward) of each mode. The speed-up of
-speculative decoding is (tokens per forward) × (autoregressive step) / (speculative step), the prefill aside.
+Decodes the held-out prompts of `cpmtp bench decode` in each mode (greedy, batch 1; tree with `--branches`)
+with timers around the trunk's cached forward, the head at the verified tokens (gate, factors, next-token
+marginal), the draft (tree or chain, with the factors it computes itself) and the verification walk; prints
+the median of each per call (by the number of tokens, or the draft's depth) and each mode's median time per
+step (one trunk forward; runs alternate between the modes). The speed-up of a drafted mode is (tokens per
+forward) × (autoregressive step) / (its step), the prefill aside.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ def main() -> int:
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--branches", type=int, default=2, help="tree mode's branches")
     args = p.parse_args()
 
     loaded = load_for_inference(REPO / args.checkpoint)
@@ -50,19 +53,16 @@ def main() -> int:
     prompts = heldout_prompts(batches, args.prompts, loaded.config.model.trunk.seq_length // 2)
     dec = decoding.Decoder(loaded.model)
     calls: dict[str, list] = defaultdict(list)
-    dec.cache.extend = timed(dec.cache.extend, calls["trunk forward"], key=lambda t: len(t))
-    dec._first_factors = timed(dec._first_factors, calls["verifier distributions"], key=lambda h: h.shape[0])
-    dec.head.factor_log_probs = timed(
-        dec.head.factor_log_probs, calls["head factors"], key=lambda h, u, s: (h.shape[0], s.start)
-    )
-    decoding.draft_from_factors = timed(decoding.draft_from_factors, calls["drafting chain"])  # fmt: skip
-    per_mode = {m: [0.0, 0] for m in decoding.MODES}
+    dec.cache.extend = timed(dec.cache.extend, calls["trunk forward"], key=lambda t, p=None: len(t))
+    dec._head = timed(dec._head, calls["head at verified tokens"], key=lambda h, w, g: (h.shape[0], w))
+    dec._draft = timed(dec._draft, calls["draft"], key=lambda first, at, depth, *a: depth)
+    dec._verify = timed(dec._verify, calls["verification walk"])
+    per_mode: dict[str, list[float]] = defaultdict(list)
     for _ in range(args.repeats):
         for prompt in prompts:
             for mode in decoding.MODES:
-                st = dec.generate(prompt, args.max_new_tokens, mode=mode).stats
-                per_mode[mode][0] += st.seconds
-                per_mode[mode][1] += st.forwards
+                st = dec.generate(prompt, args.max_new_tokens, mode=mode, branches=args.branches).stats
+                per_mode[mode].append(st.seconds / st.forwards)
     for name, rows in calls.items():
         by_size: dict = defaultdict(list)
         for size, seconds in rows:
@@ -71,10 +71,10 @@ def main() -> int:
             f"{k}: {statistics.median(v) * 1e3:.2f} ms × {len(v)}" for k, v in sorted(by_size.items())
         )
         print(f"{name:24s} {cells}")
-    for mode, (seconds, forwards) in per_mode.items():
-        print(
-            f"{mode:24s} {seconds / forwards * 1e3:.2f} ms per step (incl. the prefill's share), {forwards} steps"
-        )
+    ar = statistics.median(per_mode["ar"])
+    for mode, steps in per_mode.items():
+        step = statistics.median(steps)
+        print(f"{mode:24s} {step * 1e3:.2f} ms per step (incl. the prefill's share), {step / ar:.2f}× ar")
     return 0
 
 

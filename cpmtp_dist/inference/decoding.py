@@ -32,8 +32,9 @@ from torch import Tensor
 
 from cpmtp_dist.inference.kv_cache import KVCache
 from cpmtp_dist.inference.sampling import Sampling, multi_draft_accept
+from cpmtp_dist.model.cp_head import upcast
 from cpmtp_dist.model.cp_model import CPModel
-from cpmtp_dist.model.drafting import draft_tree, first_token_factors
+from cpmtp_dist.model.drafting import greedy_tree, sampled_tree
 
 MODES = ("ar", "speculative", "tree")
 
@@ -99,12 +100,13 @@ class _Step:
 
 @dataclass
 class _Position:
-    """The model at the last accepted position: hidden state, gate log-weights, first factors and the
-    next-token log-marginal, each with a leading dimension of 1."""
+    """The head at the last accepted position h (1, d): the gate (r,), the factors of head positions
+    1 .. S (r, S, V; S = n when the verifying forward computed them all, else 1) and the next-token marginal
+    (V,). Greedy decoding holds probabilities (its argmaxes need no logarithms), sampling log-probabilities."""
 
     h: Tensor
-    log_w: Tensor
-    first: Tensor
+    gate: Tensor
+    factors: Tensor
     marginal: Tensor
 
 
@@ -125,9 +127,16 @@ class Decoder:
             raise ValueError(f"a decoding window of {self.capacity} positions is too short")
         self.cache = KVCache(model.trunk, self.capacity)
 
-    def _first_factors(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Gate log-weights (k, r), first factors (k, r, V) and next-token log-marginal (k, V) at h (k, d)."""
-        return first_token_factors(self.head, h, self.model.unembedding())
+    def _head(self, h: Tensor, width: int, greedy: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """Gate (N, r), factors of head positions 1 .. width (N, r, width, V) and next-token marginal
+        (N, V) at h (N, d), fp32: probabilities when greedy, else log-probabilities."""
+        gate = upcast(self.head.gate(h))
+        logits = self.head.factor_logits_at(h, self.model.unembedding(), slice(0, width))
+        if greedy:
+            w, probs = torch.softmax(gate, dim=-1), torch.softmax(logits, dim=-1)
+            return w, probs, (w.unsqueeze(1) @ probs[:, :, 0]).squeeze(1)
+        log_w, log_p = torch.log_softmax(gate, dim=-1), torch.log_softmax(logits, dim=-1)
+        return log_w, log_p, torch.logsumexp(log_w.unsqueeze(-1) + log_p[:, :, 0], dim=1)
 
     def _tokens(self, ids: list[int]) -> Tensor:
         return torch.tensor(ids, dtype=torch.long, device=self.device)
@@ -142,30 +151,30 @@ class Decoder:
         """The step's tree: the first token, then `branches` chains of `depth` drafted tokens each."""
         if depth == 0:
             return _Step([first], [-1], {}, {})
-        rest = self.head.factor_log_probs(at.h, self.model.unembedding(), slice(1, 1 + depth))[0]
-        log_pi = at.log_w[0] + at.first[0, :, first]  # the gate reweighted by the first token
         greedy = sampling.greedy
-        d = draft_tree(
-            log_pi,
-            rest,
-            branches,
-            greedy=greedy,
-            generator=gen,
-            transform=None if greedy else sampling.transform,
-        )
-        tokens, parents, children, log_q = [first], [-1], {0: []}, {}
-        if not greedy:
-            log_q[0] = d.root_log_q
-        for b, chain in enumerate(d.tokens.tolist()):
+        if at.factors.shape[1] > depth:
+            rest = at.factors[:, 1 : 1 + depth]
+        else:
+            logits = self.head.factor_logits_at(at.h, self.model.unembedding(), slice(1, 1 + depth))[0]
+            rest = torch.softmax(logits, dim=-1) if greedy else torch.log_softmax(logits, dim=-1)
+        if greedy:
+            pi = at.gate * at.factors[:, 0, first]  # the gate reweighted by the first token
+            chains, log_q = greedy_tree(pi / pi.sum(), rest, branches).tolist(), None
+        else:
+            d = sampled_tree(at.gate + at.factors[:, 0, first], rest, branches, generator=gen,
+                             transform=sampling.transform)  # fmt: skip
+            chains, log_q = d.tokens.tolist(), d
+        step = _Step([first], [-1], {0: []}, {} if log_q is None else {0: log_q.root_log_q})
+        for b, chain in enumerate(chains):
             for j, token in enumerate(chain):  # node 1 + b * depth + j
-                node = len(tokens)
+                node = len(step.tokens)
                 parent = 0 if j == 0 else node - 1
-                tokens.append(token)
-                parents.append(parent)
-                children.setdefault(parent, []).append(node)
-                if j > 0 and not greedy:
-                    log_q[parent] = d.log_q[b, j - 1]
-        return _Step(tokens, parents, children, log_q)
+                step.tokens.append(token)
+                step.parents.append(parent)
+                step.children.setdefault(parent, []).append(node)
+                if j > 0 and log_q is not None:
+                    step.log_q[parent] = log_q.log_q[b, j - 1]
+        return step
 
     def _verify(
         self, step: _Step, marginal: Tensor, sampling: Sampling, gen, stats: DecodeStats
@@ -222,10 +231,15 @@ class Decoder:
         stats = DecodeStats(mode, n, branches, tested=[0] * n, passed=[0] * n, kept_branch=[0] * branches)
         start = time.perf_counter()
 
+        greedy = sampling.greedy
+        # Speculative steps keep one path of at most n tokens: computing every head position at every
+        # verified token (one call) makes the next draft's factors ready. Trees verify many more tokens,
+        # so there the next draft's factors are computed at the kept token only.
+        width = self.horizon if mode == "speculative" else 1
         ids = list(prompt)
         self.cache.reset()
         h = self.cache.extend(self._tokens(ids[-self.capacity :]))[-1:]
-        at = _Position(h, *self._first_factors(h))
+        at = _Position(h, *(x[0] for x in self._head(h, width, greedy)))
         forced: int | None = None
         out: list[int] = []
         while len(out) < max_new_tokens:
@@ -233,8 +247,7 @@ class Decoder:
             if forced is not None:
                 first = forced
             else:
-                log_q = at.marginal[0] if sampling.greedy else sampling.transform(at.marginal[0])
-                first = sampling.pick(log_q, gen)
+                first = sampling.pick(at.marginal if greedy else sampling.transform(at.marginal), gen)
             if first == eos_id:
                 break
             if remaining == 1:
@@ -248,7 +261,7 @@ class Decoder:
             base = self.cache.length
             hs = self.cache.extend(self._tokens(step.tokens), step.parents)
             stats.forwards += 1
-            log_w, first_f, marginal = self._first_factors(hs)
+            gate, factors, marginal = self._head(hs, width, greedy)
             path, forced = self._verify(step, marginal, sampling, gen, stats)
             accepted = [step.tokens[i] for i in path]
             stats.accepted += len(accepted)
@@ -259,8 +272,7 @@ class Decoder:
             ids.extend(accepted)
             self.cache.keep(base, [base + i for i in path])
             last = path[-1]
-            at = _Position(hs[last : last + 1], log_w[last : last + 1], first_f[last : last + 1],
-                           marginal[last : last + 1])  # fmt: skip
+            at = _Position(hs[last : last + 1], gate[last], factors[last], marginal[last])
         stats.new_tokens = len(out)
         stats.seconds = time.perf_counter() - start
         return Decoded(out, stats)

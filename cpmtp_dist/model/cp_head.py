@@ -147,6 +147,10 @@ class CPHead(nn.Module):
     def factor_log_probs(self, h: Tensor, shared_unembedding: Tensor | None, positions: slice) -> Tensor:
         """log P_a^(s)(. | h) for all local components a and the head positions s in `positions`, fp32:
         (N, d) -> (N, r_local, len(positions), V). Batched over (a, s): the decoding path."""
+        return F.log_softmax(self.factor_logits_at(h, shared_unembedding, positions), dim=-1)
+
+    def factor_logits_at(self, h: Tensor, shared_unembedding: Tensor | None, positions: slice) -> Tensor:
+        """The logits of `factor_log_probs`, fp32: (N, d) -> (N, r_local, len(positions), V)."""
         r, n = self.num_local_components, self.horizon
         if self.parameterisation == "separate":
             wanted = range(n)[positions]
@@ -155,11 +159,11 @@ class CPHead(nn.Module):
                     h.shape[0], r, 0, self.unembed.shape[2], dtype=torch.float32, device=h.device
                 )
             rows = [torch.stack([h @ self.unembed[a, s].t() for s in wanted], dim=1) for a in range(r)]
-            return F.log_softmax(upcast(torch.stack(rows, dim=1)), dim=-1)
+            return upcast(torch.stack(rows, dim=1))
         if shared_unembedding is None:
             raise ValueError("the `shared` parameterisation needs the trunk's unembedding weight")
         feats = self.features_at(h, positions)  # (N, r, p, d)
-        return F.log_softmax(upcast(feats @ shared_unembedding.t()), dim=-1)
+        return upcast(feats @ shared_unembedding.t())
 
     def features_at(self, h: Tensor, positions: slice) -> Tensor:
         """phi_{a,s}(h) of a `shared` head for every local component a and the head positions s in

@@ -6,7 +6,7 @@ Exact draws from the joint proceed as a chain: draw x_{t+1} from the marginal, t
 components by what was drawn, pi_a ∝ w_a prod_{j<s} P_a^(j)(x_{t+j}), and draw x_{t+s} from
 sum_a pi_a P_a^(s). Greedy drafting takes the argmax at each link of the same chain.
 
-A tree draft (`draft_tree`) branches after a given first token: its children are the top-k tokens of the
+A tree draft (`greedy_tree`, `sampled_tree`) branches after a given first token: its children are the top-k tokens of the
 second conditional (greedy) or k draws from it without replacement (sampling), and each child continues its
 own chain on its own reweighted gate.
 """
@@ -115,40 +115,41 @@ def greedy_chain(pi: Tensor, probs: Tensor) -> Tensor:
     return torch.stack(tokens, dim=1) if tokens else pi.new_zeros(pi.shape[0], 0, dtype=torch.long)
 
 
+def greedy_tree(pi: Tensor, probs: Tensor, branches: int) -> Tensor:
+    """A greedy tree of `branches` chains after a fixed first token x_1 (one branch: the speculative chain):
+    tokens (k, D), row b = child b (the b-th most likely second token) and its greedy chain.
+
+    `pi` (r,): the gate's weights reweighted by the first token, ∝ w_a P_a^(1)(x_1), normalised; `probs`
+    (r, D, V): the factors of head positions 2 .. D + 1.
+    """
+    children = (pi @ probs[:, 0]).topk(min(branches, probs.shape[-1])).indices
+    pi_k = pi.unsqueeze(0) * probs[:, 0, children].t()  # (k, r)
+    rest = greedy_chain(pi_k / pi_k.sum(dim=-1, keepdim=True), probs[:, 1:])
+    return torch.cat([children[:, None], rest], dim=1)
+
+
 @dataclass
 class TreeDraft:
-    tokens: (
-        Tensor  # (k, D): branch b's chain x_2..x_{D+1}; its first token is child b of the given first token
-    )
-    root_log_q: Tensor | None  # (V,): the conditional the k children were drawn from (sampling only)
-    log_q: Tensor | None  # (k, D - 1, V): each branch's conditionals after its child (sampling only)
+    tokens: Tensor  # (k, D): row b = child b of the first token, then its chain
+    root_log_q: Tensor  # (V,): the conditional the k children were drawn from
+    log_q: Tensor  # (k, D - 1, V): each branch's conditionals after its child
 
 
-@torch.no_grad()
-def draft_tree(
+def sampled_tree(
     log_pi: Tensor,
     log_p: Tensor,
     branches: int,
     *,
-    greedy: bool,
     generator: torch.Generator | None = None,
     transform: Callable[[Tensor], Tensor] | None = None,
 ) -> TreeDraft:
-    """A tree of `branches` chains after a fixed first token (one branch: the speculative chain).
+    """A sampled tree after a fixed first token x_1: k sequential draws without replacement from the second
+    conditional (fewer where it has fewer tokens), each continued by sampling its own chain; with the
+    (transformed) conditionals that speculative sampling tests against.
 
-    `log_pi` (r,): the gate's log-weights reweighted by the first token, log w_a + log P_a^(1)(x_1);
-    `log_p` (r, D, V): the factors of head positions 2 .. D + 1. The children (second tokens) are the
-    top-k of the second conditional (greedy) or k sequential draws from it without replacement (sampling;
-    fewer where it has fewer tokens); each continues as a chain conditioned on x_1 and itself.
+    `log_pi` (r,): log w_a + log P_a^(1)(x_1); `log_p` (r, D, V): the factors of head positions 2 .. D + 1.
     """
     r, depth, vocab = log_p.shape
-    if greedy:
-        probs = log_p.exp()
-        pi = torch.softmax(log_pi, dim=-1)
-        children = (pi @ probs[:, 0]).topk(min(branches, vocab)).indices
-        pi_k = pi.unsqueeze(0) * probs[:, 0, children].t()  # (k, r)
-        rest = greedy_chain(pi_k / pi_k.sum(dim=-1, keepdim=True), probs[:, 1:])
-        return TreeDraft(torch.cat([children[:, None], rest], dim=1), None, None)
     root_log_q = mixture(log_pi - torch.logsumexp(log_pi, dim=-1), log_p[:, 0])
     if transform is not None:
         root_log_q = transform(root_log_q)
