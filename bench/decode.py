@@ -32,6 +32,15 @@ def cpmtp(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "launchers.cli", *args], cwd=REPO, check=True)
 
 
+def bench_in_process(*args: str) -> None:
+    """`cpmtp bench decode ...` in this process (one start-up for all the runs)."""
+    sys.path.insert(0, str(REPO))
+    from launchers.cli import main as cli
+
+    if (rc := cli(list(args))) != 0:
+        raise SystemExit(f"cpmtp {' '.join(args)} failed with status {rc}")
+
+
 def describe(ckpt: Path) -> str:
     """The model and data of a checkpoint, from its config.yaml."""
     sys.path.insert(0, str(REPO))
@@ -100,7 +109,7 @@ def main() -> int:
         run = (REPO / ckpt).parent
         print(f"no checkpoint in {ckpt}: training configs/tiny.yaml into {run}", flush=True)
         cpmtp("train", "--config", "configs/tiny.yaml", "--run-dir", str(run))
-    common = ["bench", "decode", "--checkpoint", str(ckpt), "--prompts", str(args.prompts),
+    common = ["bench", "decode", "--checkpoint", str(REPO / ckpt), "--prompts", str(args.prompts),
               "--max-new-tokens", str(args.max_new_tokens), "--repeats", str(args.repeats), "--tracking-uri", "none", "--device", args.device]  # fmt: skip
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -110,7 +119,7 @@ def main() -> int:
         ]
         for name, extra in [("greedy", ["--greedy"]), ("sampling, T = 1", ["--temperature", "1.0"]), *trees]:
             out = Path(tmp) / "bench.json"
-            cpmtp(*common, "--out", str(out), *extra)
+            bench_in_process(*common, "--out", str(out), *extra)
             runs[name] = json.loads(out.read_text())
     result = {"checkpoint": str(ckpt), "model": describe(ckpt), "runs": runs}
     out = Path(args.out)

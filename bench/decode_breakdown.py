@@ -54,7 +54,7 @@ def main() -> int:
     dec = decoding.Decoder(loaded.model)
     calls: dict[str, list] = defaultdict(list)
     dec.cache.extend = timed(dec.cache.extend, calls["trunk forward"], key=lambda t, p=None: len(t))
-    dec._head = timed(dec._head, calls["head at verified tokens"], key=lambda h, w, g: (h.shape[0], w))
+    dec._head = timed(dec._head, calls["head at verified tokens"], key=lambda h, g: h.shape[0])
     dec._draft = timed(dec._draft, calls["draft"], key=lambda first, at, depth, *a: depth)
     dec._verify = timed(dec._verify, calls["verification walk"])
     per_mode: dict[str, list[float]] = defaultdict(list)

@@ -100,13 +100,13 @@ class _Step:
 
 @dataclass
 class _Position:
-    """The head at the last accepted position h (1, d): the gate (r,), the factors of head positions
-    1 .. S (r, S, V; S = n when the verifying forward computed them all, else 1) and the next-token marginal
-    (V,). Greedy decoding holds probabilities (its argmaxes need no logarithms), sampling log-probabilities."""
+    """The head at the last accepted position h (1, d): the gate (r,), the first factors (r, V) and the
+    next-token marginal (V,). Greedy decoding holds probabilities (its argmaxes need no logarithms),
+    sampling log-probabilities."""
 
     h: Tensor
     gate: Tensor
-    factors: Tensor
+    first: Tensor
     marginal: Tensor
 
 
@@ -127,16 +127,16 @@ class Decoder:
             raise ValueError(f"a decoding window of {self.capacity} positions is too short")
         self.cache = KVCache(model.trunk, self.capacity)
 
-    def _head(self, h: Tensor, width: int, greedy: bool) -> tuple[Tensor, Tensor, Tensor]:
-        """Gate (N, r), factors of head positions 1 .. width (N, r, width, V) and next-token marginal
-        (N, V) at h (N, d), fp32: probabilities when greedy, else log-probabilities."""
+    def _head(self, h: Tensor, greedy: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """Gate (N, r), first factors (N, r, V) and next-token marginal (N, V) at h (N, d), fp32:
+        probabilities when greedy, else log-probabilities."""
         gate = upcast(self.head.gate(h))
-        logits = self.head.factor_logits_at(h, self.model.unembedding(), slice(0, width))
+        logits = self.head.factor_logits_at(h, self.model.unembedding(), slice(0, 1))[:, :, 0]
         if greedy:
             w, probs = torch.softmax(gate, dim=-1), torch.softmax(logits, dim=-1)
-            return w, probs, (w.unsqueeze(1) @ probs[:, :, 0]).squeeze(1)
+            return w, probs, (w.unsqueeze(1) @ probs).squeeze(1)
         log_w, log_p = torch.log_softmax(gate, dim=-1), torch.log_softmax(logits, dim=-1)
-        return log_w, log_p, torch.logsumexp(log_w.unsqueeze(-1) + log_p[:, :, 0], dim=1)
+        return log_w, log_p, torch.logsumexp(log_w.unsqueeze(-1) + log_p, dim=1)
 
     def _tokens(self, ids: list[int]) -> Tensor:
         return torch.tensor(ids, dtype=torch.long, device=self.device)
@@ -152,19 +152,17 @@ class Decoder:
         if depth == 0:
             return _Step([first], [-1], {}, {})
         greedy = sampling.greedy
-        if at.factors.shape[1] > depth:
-            rest = at.factors[:, 1 : 1 + depth]
-        else:
-            logits = self.head.factor_logits_at(at.h, self.model.unembedding(), slice(1, 1 + depth))[0]
-            rest = torch.softmax(logits, dim=-1) if greedy else torch.log_softmax(logits, dim=-1)
+        logits = self.head.factor_logits_at(at.h, self.model.unembedding(), slice(1, 1 + depth))[0]
+        rest = torch.softmax(logits, dim=-1) if greedy else torch.log_softmax(logits, dim=-1)
+        sampled = None
         if greedy:
-            pi = at.gate * at.factors[:, 0, first]  # the gate reweighted by the first token
-            chains, log_q = greedy_tree(pi / pi.sum(), rest, branches).tolist(), None
+            pi = at.gate * at.first[:, first]  # the gate reweighted by the first token
+            chains = greedy_tree(pi / pi.sum(), rest, branches).tolist()
         else:
-            d = sampled_tree(at.gate + at.factors[:, 0, first], rest, branches, generator=gen,
-                             transform=sampling.transform)  # fmt: skip
-            chains, log_q = d.tokens.tolist(), d
-        step = _Step([first], [-1], {0: []}, {} if log_q is None else {0: log_q.root_log_q})
+            sampled = sampled_tree(at.gate + at.first[:, first], rest, branches, generator=gen,
+                                   transform=sampling.transform)  # fmt: skip
+            chains = sampled.tokens.tolist()
+        step = _Step([first], [-1], {0: []}, {} if sampled is None else {0: sampled.root_log_q})
         for b, chain in enumerate(chains):
             for j, token in enumerate(chain):  # node 1 + b * depth + j
                 node = len(step.tokens)
@@ -172,15 +170,15 @@ class Decoder:
                 step.tokens.append(token)
                 step.parents.append(parent)
                 step.children.setdefault(parent, []).append(node)
-                if j > 0 and log_q is not None:
-                    step.log_q[parent] = log_q.log_q[b, j - 1]
+                if j > 0 and sampled is not None:
+                    step.log_q[parent] = sampled.log_q[b, j - 1]
         return step
 
     def _verify(
         self, step: _Step, marginal: Tensor, sampling: Sampling, gen, stats: DecodeStats
     ) -> tuple[list[int], int | None]:
-        """Walk the tree from node 0 against the verifier's log-marginals at its nodes (m, V): the kept
-        path (node indices) and, after a rejection, the correction token."""
+        """Walk the tree from node 0 against the verifier's next-token marginals at its nodes (m, V;
+        `_head`'s): the kept path (node indices) and, after a rejection, the correction token."""
         best = marginal.argmax(dim=-1).tolist() if sampling.greedy else None
         path, node = [0], 0
         stats.tested[0] += 1
@@ -232,14 +230,10 @@ class Decoder:
         start = time.perf_counter()
 
         greedy = sampling.greedy
-        # Speculative steps keep one path of at most n tokens: computing every head position at every
-        # verified token (one call) makes the next draft's factors ready. Trees verify many more tokens,
-        # so there the next draft's factors are computed at the kept token only.
-        width = self.horizon if mode == "speculative" else 1
         ids = list(prompt)
         self.cache.reset()
         h = self.cache.extend(self._tokens(ids[-self.capacity :]))[-1:]
-        at = _Position(h, *(x[0] for x in self._head(h, width, greedy)))
+        at = _Position(h, *(x[0] for x in self._head(h, greedy)))
         forced: int | None = None
         out: list[int] = []
         while len(out) < max_new_tokens:
@@ -261,7 +255,7 @@ class Decoder:
             base = self.cache.length
             hs = self.cache.extend(self._tokens(step.tokens), step.parents)
             stats.forwards += 1
-            gate, factors, marginal = self._head(hs, width, greedy)
+            gate, first_factors, marginal = self._head(hs, greedy)
             path, forced = self._verify(step, marginal, sampling, gen, stats)
             accepted = [step.tokens[i] for i in path]
             stats.accepted += len(accepted)
@@ -272,7 +266,7 @@ class Decoder:
             ids.extend(accepted)
             self.cache.keep(base, [base + i for i in path])
             last = path[-1]
-            at = _Position(hs[last : last + 1], gate[last], factors[last], marginal[last])
+            at = _Position(hs[last : last + 1], gate[last], first_factors[last], marginal[last])
         stats.new_tokens = len(out)
         stats.seconds = time.perf_counter() - start
         return Decoded(out, stats)
