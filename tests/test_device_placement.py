@@ -8,7 +8,8 @@ machine) go where the compatibility layer puts them (`megatron_compat._CPU`), he
 
 Covered: the model's forward, the chunked CP loss forward and backward, the trainer's step statistics; the KV
 cache's prefill and extension, the verifier's next-token distributions, the draft factors of the requested
-head positions, the drafting chain (greedy and sampled), the sampling transform; the decoder itself up to its
+head positions, the drafting chain (greedy and sampled), the sampling transform, a greedy tree draft, the
+tree's forward (tree mask and positions) and keeping its path in the cache; the decoder itself up to its
 first read of a value (it must fail there, not on a device). Not covered: code that reads values back to the
 host (`.item()`, `int()`, control flow on values: the rest of `Decoder.generate`, `StatSums.reduce`),
 generators (meta has none; sampling draws here without one), DeepSpeed's engine, collectives (their device is
@@ -31,7 +32,7 @@ from cpmtp_dist.inference.kv_cache import KVCache
 from cpmtp_dist.inference.sampling import Sampling
 from cpmtp_dist.model.cp_head import IGNORE_INDEX
 from cpmtp_dist.model.cp_model import CPModel
-from cpmtp_dist.model.drafting import draft_from_factors, first_token_factors
+from cpmtp_dist.model.drafting import draft_from_factors, first_token_factors, greedy_tree
 from cpmtp_dist.parallel import megatron_compat
 from cpmtp_dist.parallel.state import initialize_parallel
 from cpmtp_dist.training.trainer import StatSums
@@ -114,7 +115,17 @@ def test_a_decoding_step_meets_no_cpu_tensor(on_gpu, head, attention):
             verifier = first_token_factors(model.head, hs, u)[2]
             assert d.tokens.device == verifier.device == sampling.transform(verifier).device == GPU
             cache.rollback(3)
+        # A tree step as the decoder takes it: its head at h, a greedy tree of 2 branches, the tree's forward
+        # (tree mask, tree positions), the head at the tree's tokens, keeping one path in the cache.
+        gate, first, _ = Decoder(model)._head(h, greedy=True)
+        pi = gate[0] * first[0, :, 5]
+        rest = torch.softmax(model.head.factor_logits_at(h, u, slice(1, N))[0], dim=-1)
+        chains = greedy_tree(pi / pi.sum(), rest, 2)  # (2, N - 1)
+        tree = torch.cat([torch.tensor([5], device=GPU), chains.flatten()])
+        hs = cache.extend(tree, [-1, 0, 1, 0, 3])
+        assert all(x.device == GPU for x in Decoder(model)._head(hs, greedy=False))
+        cache.keep(3, [3, 6, 7])
         # The decoder itself runs into its first read of a value, not into a device mix-up.
-        for mode in ("ar", "speculative"):
+        for mode in ("ar", "speculative", "tree"):
             with pytest.raises(RuntimeError, match="(cannot be called on|Cannot copy out of) meta tensor"):
                 Decoder(model).generate([5, 6, 7], 4, mode=mode)
