@@ -258,3 +258,27 @@ def test_components_do_not_start_identical():
             assert not torch.equal(head.phi_w1[0, 0], head.phi_w1[1, 0])
         else:
             assert not torch.allclose(z[0], z[1])
+
+
+def test_the_decoding_copies_of_head_weights_follow_changes_of_the_parameters():
+    """`weights_at` keeps contiguous copies under inference mode; a parameter changed in place (an optimizer
+    step, load_state_dict) or replaced makes it copy again."""
+    head, _ = make_head(7, 3, 2, KINDS[0], seed=4)
+    h = torch.randn(2, D, dtype=torch.float64)
+
+    def features() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.inference_mode():
+            kept = head.features_at(h, slice(1, 3))
+        with torch.no_grad():
+            return kept, head.features_at(h, slice(1, 3))  # outside inference mode: no copies
+
+    before, ref = features()
+    torch.testing.assert_close(before, ref, rtol=0, atol=0)
+    with torch.no_grad():
+        head.phi_w1.mul_(2.0)
+    after, ref = features()
+    torch.testing.assert_close(after, ref, rtol=0, atol=0)
+    assert not torch.equal(after, before)
+    head.load_state_dict({k: v * 0.5 for k, v in head.state_dict().items()})
+    after, ref = features()
+    torch.testing.assert_close(after, ref, rtol=0, atol=0)

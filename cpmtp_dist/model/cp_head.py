@@ -72,6 +72,7 @@ class CPHead(nn.Module):
         self.phi_kind = cfg.phi
         c_lo, c_hi = component_range or (0, cfg.rank)
         v_lo, v_hi = vocab_range or (0, vocab_size)
+        self._inference_weights: dict = {}  # weights_at's copies: {positions: (parameter stamps, weights)}
         self.component_start = c_lo
         self.num_local_components = c_hi - c_lo
         d, n, r = hidden_size, cfg.horizon, cfg.rank
@@ -168,7 +169,22 @@ class CPHead(nn.Module):
     def features_at(self, h: Tensor, positions: slice) -> Tensor:
         """phi_{a,s}(h) of a `shared` head for every local component a and the head positions s in
         `positions`, as a few large products: (N, d) -> (N, r_local, p, d)."""
-        return self.phi(h, {k: p[:, positions] for k, p in self.component_weights().items()})
+        return self.phi(h, self.weights_at(positions))
+
+    def weights_at(self, positions: slice) -> dict[str, Tensor]:
+        """`component_weights()` at the head `positions`. Under inference mode (decoding) as contiguous copies
+        kept until a parameter changes (in place, or moved): the products of `phi` need them contiguous, and a
+        decoder asks for the same positions at every step."""
+        params = self.component_weights()
+        if not torch.is_inference_mode_enabled() or any(p.is_inference() for p in params.values()):
+            return {k: p[:, positions] for k, p in params.items()}
+        key = (positions.start, positions.stop, positions.step)
+        stamp = tuple((p._version, p.data_ptr(), p.device) for p in params.values())
+        cached = self._inference_weights.get(key)
+        if cached is None or cached[0] != stamp:
+            cached = (stamp, {k: p[:, positions].contiguous() for k, p in params.items()})
+            self._inference_weights[key] = cached
+        return cached[1]
 
     def component_weights(self) -> dict[str, Tensor]:
         """The per-component tensors by parameter name (leading dimensions: local component, head position)."""
