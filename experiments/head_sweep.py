@@ -1,6 +1,6 @@
 """The paper's head-only experiment: CP heads of rank r at n = 4 fine-tuned on a frozen next-token trunk.
 
-    python experiments/head_sweep.py                              # the trunk of experiments/trunk.py
+    python experiments/head_sweep.py                              # the trunk of experiments/trunk.py, ~50 min
     python experiments/head_sweep.py --ranks 1 8 --steps 50 --root runs/head_quick --results /tmp/r.md
 
 The trunk is `--trunk` (default `runs/trunk/run/checkpoints`, what `python experiments/trunk.py` trains:
@@ -41,6 +41,9 @@ from cpmtp_dist.config_io import load_config  # noqa: E402
 from cpmtp_dist.training.tracking import log_summary_run  # noqa: E402
 
 BEGIN, END = "<!-- head_sweep:begin -->", "<!-- head_sweep:end -->"
+FINETUNE = ["train.global_batch_size=16", "train.micro_batch_size=16", "optim.lr=3e-3", "optim.min_lr=3e-4"]
+"""The heads' recipe (docs/RESULTS.md): 16 × 128 tokens per step, a learning rate 3× the trunk's (only the head
+trains, from the trunk's own next-token head)."""
 CORPORA = ("code", "prose")
 
 
@@ -154,15 +157,15 @@ def main() -> int:
         "--betas", type=float, nargs="+", default=[0.0, 0.5], help="finetune.distill_weight values"
     )
     p.add_argument("--horizon", type=int, default=4)
-    p.add_argument("--steps", type=int, default=600, help="fine-tuning steps per head")
+    p.add_argument("--steps", type=int, default=300, help="fine-tuning steps per head")
     p.add_argument("--root", default="runs/head_sweep")
     p.add_argument("--results", default="docs/RESULTS.md")
     p.add_argument("--figure", default="docs/img/head_sweep.png")
     p.add_argument("--json", default="bench/results/head_sweep.json")
-    p.add_argument("--eval-batches", type=int, default=16)
-    p.add_argument("--prompts", type=int, default=8, help="held-out prompts decoded per model and corpus")
+    p.add_argument("--eval-batches", type=int, default=4)
+    p.add_argument("--prompts", type=int, default=4, help="held-out prompts decoded per model and corpus")
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per prompt and mode in bench decode")
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per prompt and mode in bench decode")
     p.add_argument("--branches", type=int, nargs="*", default=[2, 4], help="tree decoding's branch counts")
     p.add_argument("overrides", nargs="*", help="more `cpmtp train` overrides, the same for every head")
     args = p.parse_args()
@@ -174,7 +177,7 @@ def main() -> int:
     base = [f"model.cp.horizon={args.horizon}", f"finetune.init_from={trunk}", "finetune.freeze_trunk=true",
             f"data.path=0.8 {data / 'code'} 0.2 {data / 'prose'}", f"train.steps={args.steps}",
             f"optim.warmup_steps={max(1, args.steps // 20)}", "train.eval_every=0", "checkpoint.every=100",
-            *args.overrides]  # fmt: skip
+            *FINETUNE, *args.overrides]  # fmt: skip
     rows, files = [], []
     for beta in args.betas:
         for r in args.ranks:
