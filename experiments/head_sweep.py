@@ -58,13 +58,17 @@ def finetune(run: Path, config: str, overrides: list[str], uri: str) -> None:
 
 
 def measure(run: Path, data: Path, args: argparse.Namespace, uri: str) -> tuple[dict, list[Path]]:
-    """`cpmtp eval` and `cpmtp bench decode` (greedy, T = 0.8) of the run's head on each corpus."""
+    """`cpmtp eval` and `cpmtp bench decode` (greedy, T = 0.8, trees) of the run's head on each corpus; a
+    result file newer than the run's final checkpoint is reused (a rerun of the sweep measures only what is
+    missing)."""
     ckpt, row, files = str(run / "checkpoints"), {}, []
+    trained = (run / "checkpoints" / "latest").stat().st_mtime
     for corpus in CORPORA:
         ev_path = run / f"eval_{corpus}.json"
-        cpmtp("eval", "--checkpoint", ckpt, "--data", str(data / corpus), "--out", str(ev_path),
-              "--batches", str(args.eval_batches), "--prompts", str(args.prompts), "--new-tokens",
-              str(args.new_tokens), "--tracking-uri", uri, "--experiment", "head_sweep")  # fmt: skip
+        if not (ev_path.exists() and ev_path.stat().st_mtime > trained):
+            cpmtp("eval", "--checkpoint", ckpt, "--data", str(data / corpus), "--out", str(ev_path),
+                  "--batches", str(args.eval_batches), "--prompts", str(args.prompts), "--new-tokens",
+                  str(args.new_tokens), "--tracking-uri", uri, "--experiment", "head_sweep")  # fmt: skip
         out = eval_row(json.loads(ev_path.read_text()), args.horizon)
         files.append(ev_path)
         benches = [("greedy", ["--greedy"]), ("t08", ["--temperature", "0.8"])] + [
@@ -72,9 +76,10 @@ def measure(run: Path, data: Path, args: argparse.Namespace, uri: str) -> tuple[
         ]
         for name, extra in benches:
             path = run / f"bench_{corpus}_{name}.json"
-            cpmtp("bench", "decode", "--checkpoint", ckpt, "--data", str(data / corpus), "--out", str(path),
-                  "--prompts", str(args.prompts), "--max-new-tokens", str(args.new_tokens), "--repeats",
-                  str(args.repeats), "--tracking-uri", "none", *extra)  # fmt: skip
+            if not (path.exists() and path.stat().st_mtime > trained):
+                cpmtp("bench", "decode", "--checkpoint", ckpt, "--data", str(data / corpus), "--out", str(path),
+                      "--prompts", str(args.prompts), "--max-new-tokens", str(args.new_tokens), "--repeats",
+                      str(args.repeats), "--tracking-uri", "none", *extra)  # fmt: skip
             bd = json.loads(path.read_text())
             out[f"bench_tpf_{name}"], out[f"speedup_{name}"] = bd["tokens_per_forward"], bd["speedup"]
             out[f"acceptance_{name}"] = bd["acceptance"]
@@ -137,7 +142,8 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.plot(ranks, [r[corpus]["tpf_greedy"] for r in sel], "o-", label=f"greedy, β = {beta:g}")
             ax.plot(ranks, [r[corpus]["bench_tpf_t08"] for r in sel], "s--", label=f"T = 0.8, β = {beta:g}")
         ax.set_xscale("log", base=2)
-        ax.set_xticks(ranks, [str(x) for x in ranks])
+        every = sorted({r["rank"] for r in rows})
+        ax.set_xticks(every, [str(x) for x in every])
         ax.set_xlabel("rank r")
         ax.set_title(f"held-out {corpus}")
     axes[0].set_ylabel("tokens per forward")
@@ -153,6 +159,9 @@ def main() -> int:
     p.add_argument("--config", default="configs/trunk.yaml", help="the trunk's config (model.trunk.*)")
     p.add_argument("--data", type=Path, default=None, help="the demo's data folder (experiments/trunk.py's)")
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument(
+        "--distill-ranks", type=int, nargs="+", help="the ranks of the β > 0 heads (default: --ranks)"
+    )
     p.add_argument(
         "--betas", type=float, nargs="+", default=[0.0, 0.5], help="finetune.distill_weight values"
     )
@@ -180,7 +189,7 @@ def main() -> int:
             *FINETUNE, *args.overrides]  # fmt: skip
     rows, files = [], []
     for beta in args.betas:
-        for r in args.ranks:
+        for r in args.ranks if beta == 0 or args.distill_ranks is None else args.distill_ranks:
             run = root / f"beta{beta:g}_r{r}"
             finetune(run, args.config, [*base, f"model.cp.rank={r}", f"finetune.distill_weight={beta}"], uri)
             row, produced = measure(run, data, args, uri)
