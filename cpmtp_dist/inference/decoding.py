@@ -34,7 +34,7 @@ from cpmtp_dist.inference.kv_cache import KVCache
 from cpmtp_dist.inference.sampling import Sampling, multi_draft_accept
 from cpmtp_dist.model.cp_head import upcast
 from cpmtp_dist.model.cp_model import CPModel
-from cpmtp_dist.model.drafting import greedy_tree, sampled_tree
+from cpmtp_dist.model.drafting import first_token_factors, greedy_tree, sampled_tree
 
 MODES = ("ar", "speculative", "tree")
 
@@ -51,9 +51,8 @@ class DecodeStats:
     seconds: float = 0.0
     tested: list[int] = field(default_factory=list)  # per head position s: steps that tested draft s
     passed: list[int] = field(default_factory=list)  # ... and kept it
-    kept_branch: list[int] = field(
-        default_factory=list
-    )  # tree mode: steps whose kept second token was child b
+    # tree mode: steps whose kept second token was child b
+    kept_branch: list[int] = field(default_factory=list)
 
     @property
     def tokens_per_forward(self) -> float:
@@ -130,13 +129,12 @@ class Decoder:
     def _head(self, h: Tensor, greedy: bool) -> tuple[Tensor, Tensor, Tensor]:
         """Gate (N, r), first factors (N, r, V) and next-token marginal (N, V) at h (N, d), fp32:
         probabilities when greedy, else log-probabilities."""
-        gate = upcast(self.head.gate(h))
+        if not greedy:
+            return first_token_factors(self.head, h, self.model.unembedding())
+        w = torch.softmax(upcast(self.head.gate(h)), dim=-1)
         logits = self.head.factor_logits_at(h, self.model.unembedding(), slice(0, 1))[:, :, 0]
-        if greedy:
-            w, probs = torch.softmax(gate, dim=-1), torch.softmax(logits, dim=-1)
-            return w, probs, (w.unsqueeze(1) @ probs).squeeze(1)
-        log_w, log_p = torch.log_softmax(gate, dim=-1), torch.log_softmax(logits, dim=-1)
-        return log_w, log_p, torch.logsumexp(log_w.unsqueeze(-1) + log_p, dim=1)
+        probs = torch.softmax(logits, dim=-1)
+        return w, probs, (w.unsqueeze(1) @ probs).squeeze(1)
 
     def _tokens(self, ids: list[int]) -> Tensor:
         return torch.tensor(ids, dtype=torch.long, device=self.device)

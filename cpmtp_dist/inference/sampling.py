@@ -88,7 +88,8 @@ def multi_draft_accept(
             return i, token
         p = residual / total
         q = q.index_fill(0, torch.tensor([token], device=q.device), 0.0)
-        if not q.sum() > 0:
+        left = q.sum()
+        if not left > 0:
             break
-        q = q / q.sum()
+        q = q / left
     return None, int(torch.multinomial(p, 1, generator=generator))
