@@ -96,6 +96,9 @@ class ParallelConfig:
     """Expert-parallel degree of the CP head: each rank holds r / ep components."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism (needs tp > 1)."""
+    timeout_s: float = 600.0
+    """Seconds a collective waits for its peers before it fails: after a node is lost or a rank hangs, the
+    other ranks stop within about twice this (`cpmtp_dist/parallel/peers.py`) instead of hanging."""
 
 
 @dataclass

@@ -550,6 +550,8 @@ def _check_train_and_data(c: _Checker) -> None:
 def _check_parallel_shapes(c: _Checker) -> None:
     """The model's sizes against the degrees that split them."""
     trunk, cp, par = c.cfg.model.trunk, c.cfg.model.cp, c.cfg.parallel
+    if c.ok("parallel.timeout_s") and not par.timeout_s > 0:
+        c.add(f"parallel.timeout_s={par.timeout_s} must be > 0 seconds: e.g. 600")
     if c.ok("parallel.sequence_parallel", "parallel.tp") and par.sequence_parallel and par.tp <= 1:
         c.add(
             f"parallel.sequence_parallel=true needs parallel.tp > 1 (got parallel.tp={par.tp}): "

@@ -185,6 +185,7 @@ def run_train(args: argparse.Namespace) -> int:
     # Started before the trainer's imports (torch, Megatron, DeepSpeed): MLflow's own imports run beside them.
     tracker = maybe_build_tracker(cfg.tracking, run_dir, enabled=is_rank0, params=config_to_dict(cfg))
 
+    from cpmtp_dist.parallel.peers import PEERS_LOST_EXIT_CODE, PeersLost
     from cpmtp_dist.training.trainer import train
 
     try:
@@ -194,6 +195,10 @@ def run_train(args: argparse.Namespace) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except PeersLost as err:  # other ranks are gone: a status of its own, for the launcher and job script
+        if err.report:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        return PEERS_LOST_EXIT_CODE
     if result.diverged is not None:
         from cpmtp_dist.training.nonfinite import NONFINITE_EXIT_CODE
 

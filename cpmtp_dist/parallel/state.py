@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -69,13 +70,14 @@ class _Session:
 _session: _Session | None = None
 
 
-def _init_process_group() -> str | None:
-    """Initialise torch.distributed; return the temp dir of a FileStore we created (single process), if any."""
+def _init_process_group(timeout: timedelta | None) -> str | None:
+    """Initialise torch.distributed (collectives fail after `timeout`; None: torch's default); return the
+    temp dir of a FileStore we created (single process), if any."""
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if all(key in os.environ for key in _ENV_KEYS):
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend, init_method="env://")
+        dist.init_process_group(backend=backend, init_method="env://", timeout=timeout)
         return None
     # No launcher: a world of one. A FileStore in a private temp dir avoids racing for a free TCP port.
     store_dir = tempfile.mkdtemp(prefix="cpmtp_pg_")
@@ -84,7 +86,7 @@ def _init_process_group() -> str | None:
     return store_dir
 
 
-def _build_expert_groups(ep: int) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
+def _build_expert_groups(ep: int, timeout: timedelta | None) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
     """The CP components' expert-parallel and expert-data-parallel groups, carved out of megatron's
     data-parallel groups: within each dp group (ordered by dp rank), ep consecutive ranks form an ep
     group, and ranks with the same position in their ep group form an expert-dp group.
@@ -110,17 +112,17 @@ def _build_expert_groups(ep: int) -> tuple[dist.ProcessGroup, dist.ProcessGroup]
         if len(ranks) % ep:
             raise ValueError(f"parallel.ep={ep} does not divide the data-parallel size {len(ranks)}")
         for i in range(0, len(ranks), ep):
-            g = dist.new_group(ranks[i : i + ep])
+            g = dist.new_group(ranks[i : i + ep], timeout=timeout)
             ep_group = g if dist.get_rank() in ranks[i : i + ep] else ep_group
         for j in range(ep):
-            g = dist.new_group(ranks[j::ep])
+            g = dist.new_group(ranks[j::ep], timeout=timeout)
             edp_group = g if dist.get_rank() in ranks[j::ep] else edp_group
     return ep_group, edp_group
 
 
-def _read_groups(ep: int) -> ParallelGroups:
+def _read_groups(ep: int, timeout: timedelta | None) -> ParallelGroups:
     ps = parallel_state
-    ep_group, edp_group = _build_expert_groups(ep)
+    ep_group, edp_group = _build_expert_groups(ep, timeout)
     return ParallelGroups(
         rank=dist.get_rank(),
         world_size=dist.get_world_size(),
@@ -156,19 +158,24 @@ def seed_parallel_rng(seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
-def initialize_parallel(tp: int = 1, pp: int = 1, ep: int = 1, seed: int = 0) -> ParallelGroups:
-    """Bring up torch.distributed and megatron's model-parallel groups; seed the RNGs.
+def initialize_parallel(
+    tp: int = 1, pp: int = 1, ep: int = 1, seed: int = 0, timeout_s: float | None = None
+) -> ParallelGroups:
+    """Bring up torch.distributed and megatron's model-parallel groups; seed the RNGs. Every group's
+    collectives fail after `timeout_s` seconds without their peers (None: torch's and megatron's default,
+    30 minutes); it applies to groups created by this call.
 
     Idempotent: if already initialised with the same (tp, pp, ep), the same ``ParallelGroups`` object is
     returned; different sizes tear down the model-parallel groups (not the process group) and rebuild them.
     The RNGs are re-seeded with ``seed`` on every call, so the RNG state after this call depends on ``seed`` only.
     """
     global _session
+    timeout = None if timeout_s is None else timedelta(seconds=timeout_s)
     maybe_apply_cpu_compat()  # first: a wrong megatron version must fail before anything is created
     if not dist.is_initialized():
         if _session is not None:  # someone destroyed our process group behind our back
             destroy_parallel()
-        owns, store_dir = True, _init_process_group()
+        owns, store_dir = True, _init_process_group(timeout)
     elif _session is not None:
         owns, store_dir = _session.owns_process_group, _session.store_dir
     else:  # a launcher (or DeepSpeed) already initialised torch.distributed: not ours to destroy
@@ -192,9 +199,10 @@ def initialize_parallel(tp: int = 1, pp: int = 1, ep: int = 1, seed: int = 0) ->
             # The CP components' expert groups are ours (see _build_expert_groups); no megatron MoE here.
             expert_model_parallel_size=1,
             expert_tensor_parallel_size=1,
+            distributed_timeout_minutes=30 if timeout is None else timeout.total_seconds() / 60,
         )
         seed_parallel_rng(seed)
-        _session = _Session(groups=_read_groups(ep), owns_process_group=owns, store_dir=store_dir)
+        _session = _Session(groups=_read_groups(ep, timeout), owns_process_group=owns, store_dir=store_dir)
     except BaseException:
         # e.g. sizes that do not divide the world: leave nothing half-built behind.
         if parallel_state.model_parallel_is_initialized():

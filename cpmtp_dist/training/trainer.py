@@ -42,6 +42,7 @@ from cpmtp_dist.parallel.layout import (
     count_parameters,
     global_grad_norm,
 )
+from cpmtp_dist.parallel.peers import Placement, is_peer_failure, lost_ranks_error
 from cpmtp_dist.parallel.pipeline import PipelineStage, prepare_trunk_for_schedule, run_schedule
 from cpmtp_dist.parallel.state import ParallelGroups, initialize_parallel
 from cpmtp_dist.training.checkpoint import start_checkpoint_writer
@@ -415,7 +416,8 @@ def _train(
         init = resolve_init_checkpoint(cfg.finetune.init_from) if cfg.finetune.init_from is not None else None
         start_checkpoint_writer()  # it forks a small helper process
         par = cfg.parallel  # validated by config_io.validate_config before any group exists
-        groups = initialize_parallel(par.tp, par.pp, par.ep, seed=cfg.train.seed)
+        groups = initialize_parallel(par.tp, par.pp, par.ep, seed=cfg.train.seed, timeout_s=par.timeout_s)
+        placement = Placement.gather() if groups.world_size > 1 else None
         is_logger = groups.rank == 0
         run_dir.mkdir(parents=True, exist_ok=True)
         config_yaml = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
@@ -441,7 +443,7 @@ def _train(
             run_dir, enabled=is_logger, total_steps=cfg.train.steps, start_step=start, tracker=tracker
         )
         run = _Run(cfg, run_dir, groups, engine, data.loader, data.valid, device, ckpt, logger, meter)
-        result = _loop(run, start)
+        result = _loop_naming_lost_peers(run, start, placement)
         done = True
         return result
     finally:
@@ -522,6 +524,19 @@ def _resume(ckpt: Checkpointer, folder: Path, run_dir: Path, *, announce: bool) 
         took = time.perf_counter() - tic
         print(f"resumed from {folder} at step {start}{changed} ({took:.2f} s)", flush=True)
     return start
+
+
+def _loop_naming_lost_peers(run: _Run, start: int, placement: Placement | None) -> TrainResult:
+    """`_loop`; when a collective fails because peers are gone, `PeersLost` naming them (parallel/peers.py)."""
+    try:
+        return _loop(run, start)
+    except RuntimeError as err:
+        lost = None
+        if placement is not None and is_peer_failure(err):
+            lost = lost_ranks_error(err, placement, run.groups.rank, run.cfg.parallel.timeout_s)
+        if lost is None:
+            raise
+        raise lost from err
 
 
 def _loop(run: _Run, start: int) -> TrainResult:
