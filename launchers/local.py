@@ -5,14 +5,17 @@ runs) with a standalone rendezvous. The launcher stays in this process: a stop s
 (SIGTERM, or SIGUSR2, which torchrun does not handle and is turned into SIGTERM here) reaches every rank,
 which checkpoint and stop; `cpmtp` then exits with status 3 like a single-process run, where torchrun
 itself would report 1. A failure of the ranks gives their common status (2: bad input; 4: a non-finite step
-stopped training), else 1.
+stopped training; 5: other ranks were lost), else 1; when they differ, the status of the first to fail.
+
+`python -m launchers.local TORCHRUN_ARGS...` is torchrun with these statuses: what `slurm/train.sbatch` runs
+on each node of a job.
 """
 
 from __future__ import annotations
 
-PREEMPTED, BAD_INPUT, NONFINITE = 3, 2, 4
+PREEMPTED, BAD_INPUT, NONFINITE, PEERS_LOST = 3, 2, 4, 5
 """The statuses of `cpmtp train` that a launcher passes on as they are (`NONFINITE`:
-`cpmtp_dist.training.nonfinite.NONFINITE_EXIT_CODE`)."""
+`cpmtp_dist.training.nonfinite.NONFINITE_EXIT_CODE`, `PEERS_LOST`: `cpmtp_dist.parallel.peers`)."""
 
 
 def child_argv(argv: list[str], run_dir: str) -> list[str]:
@@ -32,6 +35,11 @@ def child_argv(argv: list[str], run_dir: str) -> list[str]:
 
 def run_local(nproc: int, argv: list[str]) -> int:
     """Run `cpmtp <argv>` as `nproc` ranks on this machine; the ranks' exit status."""
+    return run_torchrun(["--standalone", f"--nproc-per-node={nproc}", "-m", "launchers.cli", *argv])
+
+
+def run_torchrun(torchrun_args: list[str]) -> int:
+    """torchrun `torchrun_args` in this process; the ranks' exit status (see the module's note)."""
     import os
     import signal
 
@@ -39,13 +47,20 @@ def run_local(nproc: int, argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    launch = parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "launchers.cli", *argv])
+    launch = parse_args(torchrun_args)
     signal.signal(signal.SIGUSR2, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
     try:
         run(launch)
     except SignalException:  # the launcher passed the signal on and waited for the ranks to stop
         return PREEMPTED
     except ChildFailedError as err:
-        codes = {failure.exitcode for failure in err.failures.values()}
-        return codes.pop() if codes in ({PREEMPTED}, {BAD_INPUT}, {NONFINITE}) else 1
+        # The first rank to fail says why: the launcher then stops the node's other ranks (status -15).
+        _, first = err.get_first_failure()
+        return first.exitcode if first.exitcode in (PREEMPTED, BAD_INPUT, NONFINITE, PEERS_LOST) else 1
     return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(run_torchrun(sys.argv[1:]))

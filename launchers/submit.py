@@ -22,6 +22,7 @@ import re
 import shlex
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,6 +45,8 @@ class TrainJob(submitit.helpers.Checkpointable):
         # The trainer picks its GPU by LOCAL_RANK, so every task keeps all the node's GPUs visible; the
         # job's own values replace any RANK or MASTER_* that came along from the submitting shell.
         dist_env.export(set_cuda_visible_devices=False, overwrite=True)
+        # submitit names the first node; its address as Slurm knows it also works where no DNS resolves names.
+        os.environ["MASTER_ADDR"] = node_address(dist_env.master_addr)
         # As torchrun does: one thread per rank unless told otherwise (the task's CPUs when Slurm says).
         os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("SLURM_CPUS_PER_TASK", "1"))
 
@@ -74,6 +77,19 @@ class TrainJob(submitit.helpers.Checkpointable):
         return submitit.helpers.DelayedSubmission(
             TrainJob(with_resume_auto(self.train_args) if saved else self.train_args)
         )
+
+
+def node_address(node: str) -> str:
+    """The address Slurm reaches `node` at (`NodeAddr` of `scontrol show node`); the name itself when
+    scontrol says none."""
+    try:
+        shown = subprocess.run(
+            ["scontrol", "show", "node", node], capture_output=True, text=True, timeout=60
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return node
+    found = re.search(r"\bNodeAddr=(\S+)", shown)
+    return found.group(1) if found else node
 
 
 def with_resume_auto(train_args: list[str]) -> list[str]:

@@ -166,25 +166,32 @@ def test_max_nonfinite_skips_is_validated():
         load_config(None, ["train.on_nonfinite=ignore"])
 
 
-def test_the_local_launcher_passes_status_4_on(monkeypatch, tmp_path):
-    """`cpmtp train --nproc-per-node N` exits with its ranks' status 4 (torchrun would report 1)."""
+def test_the_local_launcher_passes_the_first_failures_status_on(monkeypatch, tmp_path):
+    """`cpmtp train --nproc-per-node N` (and `python -m launchers.local`, each node of a Slurm job) exits with
+    its ranks' status 4 or 5 (torchrun would report 1); when the ranks differ, the first to fail says why."""
     import torch.distributed.run
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
     from launchers.local import run_local
 
-    def ranks_exit(code):
+    def ranks_exit(*codes):
         def run(_):
             missing = str(tmp_path / "no_error_file.json")
-            failures = {r: ProcessFailure(r, 100 + r, code, missing) for r in range(2)}
+            failures = {r: ProcessFailure(r, 100 + r, code, missing) for r, code in enumerate(codes)}
+            for r, failure in failures.items():
+                failure.timestamp = 1000 + r  # rank 0 failed first
             raise ChildFailedError("launchers.cli", failures)
 
         return run
 
     monkeypatch.setattr("signal.signal", lambda *args: None)  # the launcher's SIGUSR2 handler stays out
-    monkeypatch.setattr(torch.distributed.run, "run", ranks_exit(NONFINITE_EXIT_CODE))
+    monkeypatch.setattr(torch.distributed.run, "run", ranks_exit(NONFINITE_EXIT_CODE, NONFINITE_EXIT_CODE))
     assert run_local(2, ["train"]) == 4
-    monkeypatch.setattr(torch.distributed.run, "run", ranks_exit(5))
+    monkeypatch.setattr(
+        torch.distributed.run, "run", ranks_exit(5, -15)
+    )  # peers lost; the other rank stopped
+    assert run_local(2, ["train"]) == 5
+    monkeypatch.setattr(torch.distributed.run, "run", ranks_exit(7, 7))
     assert run_local(2, ["train"]) == 1
 
 
