@@ -1,5 +1,6 @@
 """`cpmtp train --nproc-per-node N`: the command launches its own ranks (torchrun in-process), equals the
-same layout under torchrun, and passes a preemption's status 3 on (torchrun itself would report 1)."""
+same layout under torchrun, and passes a preemption's status 3 on (torchrun itself would report 1): the
+ranks save a checkpoint of the step they stopped at."""
 
 from __future__ import annotations
 
@@ -57,12 +58,10 @@ def test_nproc_per_node_runs_the_ranks_and_passes_preemption_on(tmp_path, layout
     assert "tp=2" in log and "dp=1" in log  # two ranks, as tensor-parallel peers
     stopped = max(rows(run))
     assert 1 <= stopped < STEPS
-
-    resumed = subprocess.run([*cli, "--run-dir", str(run), "--nproc-per-node", str(NPROC), "--resume", "auto"],
-                             cwd=ROOT, env=env(layout_runs.cache), capture_output=True, text=True,
-                             timeout=600)  # fmt: skip
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"checkpoint {run / 'checkpoints' / f'step_{stopped:07d}'} saved after step {stopped}" in log
+    # The steps before the signal are torchrun's. (Resuming such a checkpoint is the same for ranks that any
+    # launcher started: tests/test_resume.py, and across nodes tests/test_slurm.py.)
     got, want = rows(run), rows(layout_runs.layout("tp2"))
-    assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
-    for step in want:
+    assert sorted(got) == list(range(1, stopped + 1))
+    for step in got:
         assert got[step]["loss"] == pytest.approx(want[step]["loss"], abs=1e-6), step
