@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch.distributed as dist
 from torch import nn
 
+from cpmtp_dist.parallel.heavy_imports import import_deepspeed
 from cpmtp_dist.parallel.state import ParallelGroups
 
 
@@ -31,6 +32,7 @@ def apply_deepspeed_expert_parallel(model: nn.Module, groups: ParallelGroups) ->
     """Mark the model's `expert_parallel` parameters for DeepSpeed and register our groups; no-op at ep = 1."""
     if groups.ep_size == 1:
         return
+    import_deepspeed()
     from deepspeed.moe.layer import MoE
     from deepspeed.utils import groups as ds_groups
 

@@ -23,6 +23,7 @@ import torch
 from megatron.core.dist_checkpointing import ShardedTensor
 from torch import Tensor, nn
 
+from cpmtp_dist.parallel.heavy_imports import import_deepspeed
 from cpmtp_dist.parallel.state import ParallelGroups
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -126,6 +127,7 @@ def sharded_optimizer_state(engine: Any, groups: ParallelGroups, *, copy: bool =
     """`optimizer.<moment>.<name>` (and `optimizer.master.<name>` when the module is not fp32) -> this
     rank's slice, assembled over its data-parallel group; plus the step counts. Collective over dp
     when saving (`copy=False`); `copy=True` gives empty buffers to load into."""
+    import_deepspeed()
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     model = engine.module
@@ -197,6 +199,7 @@ def apply_optimizer_state(engine: Any, loaded: dict[str, Any], groups: ParallelG
     The moments of a fresh engine do not exist yet (AdamW creates them at its first step), so they are
     created here as AdamW would, then filled. The master weights default to the module's weights.
     """
+    import_deepspeed()
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     model = engine.module

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from cpmtp_dist.config import OptimConfig
+from cpmtp_dist.parallel.heavy_imports import import_deepspeed
 
 
 def build_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -35,6 +36,7 @@ def build_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, 
     ]
     if any(getattr(p, "allreduce", True) is False for p in decay + no_decay):
         # Expert-parallel CP components get groups of their own (see parallel/deepspeed_experts.py).
+        import_deepspeed()
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
         groups = split_params_into_different_moe_groups_for_optimizer(groups)
@@ -130,7 +132,8 @@ def build_engine(
     `mpu` tells DeepSpeed the data- and model-parallel groups (see `parallel.layout.DeepSpeedMPU`);
     `pipelined`: Megatron's pipeline schedule runs the micro-batches (see `deepspeed_config`).
     """
-    import deepspeed  # heavy import; only the trainer needs it
+    import_deepspeed()  # heavy import; only the trainer needs it
+    import deepspeed
 
     maybe_skip_deepspeed_cpu_ops()
     # DeepSpeed insists on LOCAL_RANK even when torch.distributed is already up (a single process
@@ -152,6 +155,7 @@ def maybe_skip_deepspeed_cpu_ops() -> None:
     probe of every op, so the entry is set in the module's namespace directly."""
     if torch.cuda.is_available():
         return
+    import_deepspeed()
     import deepspeed.ops
 
     vars(deepspeed.ops).setdefault("__compatible_ops__", {})["deepspeed_shm_comm"] = False
