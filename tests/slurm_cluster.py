@@ -219,8 +219,7 @@ class SlurmCluster:
             # -D: stay in the foreground, so that stop() ends exactly the processes started here.
             self._spawn([binary("slurmctld"), "-D", "-f", str(self.conf)], "slurmctld.out")
             for node in self.names:
-                on_node = self.net.exec_prefix(node) if self.net else []
-                cmd = [*on_node, binary("slurmd"), "-D", "-f", str(self.conf), "-N", node]
+                cmd = [*self.on_node(node), binary("slurmd"), "-D", "-f", str(self.conf), "-N", node]
                 self._spawn(cmd, f"slurmd.{node}.out")
             self._wait_idle(timeout)
         except BaseException:

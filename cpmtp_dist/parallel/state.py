@@ -199,7 +199,7 @@ def initialize_parallel(
             # The CP components' expert groups are ours (see _build_expert_groups); no megatron MoE here.
             expert_model_parallel_size=1,
             expert_tensor_parallel_size=1,
-            distributed_timeout_minutes=30 if timeout is None else timeout.total_seconds() / 60,
+            **({} if timeout is None else {"distributed_timeout_minutes": timeout.total_seconds() / 60}),
         )
         seed_parallel_rng(seed)
         _session = _Session(groups=_read_groups(ep, timeout), owns_process_group=owns, store_dir=store_dir)
