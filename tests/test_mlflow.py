@@ -166,11 +166,17 @@ def shards(tmp_path_factory) -> Path:
 
 
 class Forwarder:
-    """Makes a closed port answer: accepts on `port` and pipes each connection to `target_port`."""
+    """A port of 127.0.0.1 held closed (bound, not listening: connections are refused, and no other socket
+    can take the port meanwhile) until `answer` pipes each connection on it to `target_port`."""
 
-    def __init__(self, port: int, target_port: int) -> None:
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+
+    def answer(self, target_port: int) -> None:
         self.target_port = target_port
-        self.sock = socket.create_server(("127.0.0.1", port))
+        self.sock.listen()
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -366,21 +372,22 @@ def test_an_unreachable_server_does_not_stop_training(cache, tmp_path) -> None:
 
 @pytest.mark.slow
 def test_buffered_metrics_reach_the_server_once_it_answers(server, cache, tmp_path) -> None:
-    run, port = tmp_path / "run", free_port()
-    uri = f"http://127.0.0.1:{port}"
+    run, forwarder = tmp_path / "run", Forwarder()
+    uri = f"http://127.0.0.1:{forwarder.port}"
     flags = ["--tracking-uri", uri, "--experiment", "cpmtp-late"]
     out, err = tmp_path / "out", tmp_path / "err"
     with out.open("w") as fo, err.open("w") as fe:
         cmd = command(run, "tracking.flush_timeout_s=600", flags=flags)
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env(cache), stdout=fo, stderr=fe)
-        deadline = time.time() + 600
-        while "does not answer" not in err.read_text() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.1)
-        assert "does not answer" in err.read_text(), err.read_text()[-3000:]
-        forwarder = Forwarder(port, urllib.parse.urlparse(server).port)  # the server is reachable from now on
         try:
+            deadline = time.time() + 600
+            while "does not answer" not in err.read_text() and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.1)
+            assert "does not answer" in err.read_text(), err.read_text()[-3000:]
+            forwarder.answer(urllib.parse.urlparse(server).port)  # the server is reachable from now on
             assert proc.wait(timeout=600) == 0, err.read_text()[-3000:]
         finally:
+            proc.kill()
             forwarder.close()
     assert "answers again" in out.read_text()
     (found,) = search_runs(server, "cpmtp-late")
