@@ -485,6 +485,50 @@ def draft_conditional_log_probs(log_w: Tensor, log_p: Tensor, targets: Tensor) -
     return torch.logsumexp(log_pi.unsqueeze(-1) + log_p, dim=1)  # (N, n, V)
 
 
+class _DraftCrossEntropy(torch.autograd.Function):
+    """sum over (t, s) with a target of -sum_v p_s(v) log q_s(v), q_s as in `draft_conditional_log_probs`,
+    with the closed-form gradient (docs/FINETUNE.md, "The loss"): with rho_{a,s}(v) = pi_{a,s} P_{a,s}(v) / q_s(v),
+    R_{a,s} = sum_v p_s(v) rho_{a,s}(v), G_{a,s} = -(R_{a,s} - pi_{a,s}) (the gradient at the log-weight of a
+    in pi^(s)) and H_{a,s} = sum_{s' > s} G_{a,s'} (the later positions' pull on the prefix token x_{t+s}):
+
+        d/d log w_a   = sum_s G_{a,s}
+        d/d z_{a,s,v} = -p_s(v) rho_{a,s}(v) + H_{a,s} [v = x_{t+s}] + P_{a,s}(v) (R_{a,s} - H_{a,s})
+
+    for the logits z (every term only where the target of s exists). Autograd through the same formula
+    would keep several (N, r, n, V) tensors and walk each of them a few times more.
+
+    log_w: (N, r); logits: (N, r, n, V); targets: (N, n) with IGNORE_INDEX where missing; p: (N, n, V)
+    the base's probabilities (a constant)."""
+
+    @staticmethod
+    def forward(ctx, log_w: Tensor, logits: Tensor, targets: Tensor, p: Tensor) -> Tensor:
+        valid = targets != IGNORE_INDEX  # (N, n)
+        log_p = upcast(logits).log_softmax(-1)  # (N, r, n, V)
+        idx = targets.clamp_min(0)[:, None, :, None].expand(-1, log_p.shape[1], -1, 1)
+        target_logp = log_p.gather(-1, idx).squeeze(-1) * valid.unsqueeze(1)  # (N, r, n)
+        prefix = target_logp.cumsum(-1) - target_logp
+        log_pi = (upcast(log_w).unsqueeze(-1) + prefix).log_softmax(1)  # (N, r, n)
+        log_q = torch.logsumexp(log_pi.unsqueeze(-1) + log_p, dim=1)  # (N, n, V)
+        ce = -(p * log_q).sum(-1) * valid  # (N, n)
+        ctx.save_for_backward(log_p, log_pi, log_q, p, valid, idx)
+        ctx.dtypes = (log_w.dtype, logits.dtype)
+        return ce.sum()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None, None]:
+        log_p, log_pi, log_q, p, valid, idx = ctx.saved_tensors
+        m = valid.unsqueeze(1).to(log_p.dtype)  # (N, 1, n)
+        rho = (log_pi.unsqueeze(-1) + log_p - log_q.unsqueeze(1)).exp_()  # (N, r, n, V)
+        p_rho = rho.mul_(p.unsqueeze(1))
+        big_r = p_rho.sum(-1)  # (N, r, n)
+        g = -(big_r - log_pi.exp()) * m  # (N, r, n)
+        later = (g.flip(-1).cumsum(-1).flip(-1) - g) * m  # H: sum over s' > s
+        grad_z = log_p.exp().mul_((big_r * m - later).unsqueeze(-1)).sub_(p_rho.mul_(m.unsqueeze(-1)))
+        grad_z.scatter_add_(-1, idx, later.unsqueeze(-1))
+        w_dtype, z_dtype = ctx.dtypes
+        return (grad * g.sum(-1)).to(w_dtype), (grad * grad_z).to(z_dtype), None, None
+
+
 def distillation_kl_sum(
     head: CPHead,
     h: Tensor,
@@ -531,9 +575,6 @@ def distillation_kl_sum(
         # h_win: the chunk's rows and the n - 1 after them (teacher positions t + s - 1).
         k = rows.stop - rows.start
         hc, tg = h_win[:k], targets[rows]  # (k, d), (k, n)
-        log_q = draft_conditional_log_probs(
-            head.gate_log_weights(hc), head.all_factor_log_probs(hc, unembed), tg
-        )  # (k, n, V)
         with torch.no_grad():
             base = upcast(teacher_log_probs(h_win.detach()))  # (k + n - 1 or fewer, V)
             base = F.pad(base, (0, 0, 0, k + n - 1 - base.shape[0]))  # rows past the end are never used
@@ -541,8 +582,9 @@ def distillation_kl_sum(
             log_p = base.unfold(0, n, 1)[:k].transpose(1, 2)  # (k, n, V)
             p = log_p.exp()
             ent = (p * log_p).sum(-1)  # (k, n): sum_v p log p (KL's constant part)
-        kl = ent - (p * log_q).sum(-1)  # (k, n)
-        return torch.where(tg != IGNORE_INDEX, kl, torch.zeros_like(kl)).sum()
+        logits = head.factor_logits_at(hc, unembed, slice(None))  # (k, r, n, V)
+        cross = _DraftCrossEntropy.apply(head.gate_log_weights(hc), logits, tg, p)
+        return torch.where(tg != IGNORE_INDEX, ent, torch.zeros_like(ent)).sum() + cross
 
     total = torch.zeros((), dtype=upcast(h[:0]).dtype, device=h.device)
     for rows in _chunks(n_rows, chunk_tokens):
