@@ -476,13 +476,19 @@ def draft_conditional_log_probs(log_w: Tensor, log_p: Tensor, targets: Tensor) -
     IGNORE_INDEX where missing (such a token is marginalised out of the prefix, as in the loss).
     Returns (N, n, V). Since q_s(x_{t+s}) chains to the joint, sum_s -log q_s(x_{t+s}) = L_t.
     """
+    log_pi = draft_prefix_log_weights(log_w, log_p, targets)
+    return torch.logsumexp(log_pi.unsqueeze(-1) + log_p, dim=1)  # (N, n, V)
+
+
+def draft_prefix_log_weights(log_w: Tensor, log_p: Tensor, targets: Tensor) -> Tensor:
+    """log pi_a^(s) of `draft_conditional_log_probs`: (N, r), (N, r, n, V), (N, n) -> (N, r, n), normalised
+    over a."""
     valid = targets != IGNORE_INDEX  # (N, n)
     idx = targets.clamp_min(0)[:, None, :, None].expand(-1, log_p.shape[1], -1, 1)
     target_logp = log_p.gather(-1, idx).squeeze(-1) * valid.unsqueeze(1)  # (N, r, n)
     prefix = target_logp.cumsum(-1) - target_logp  # (N, r, n): sum over j < s
     log_pi = log_w.unsqueeze(-1) + prefix
-    log_pi = log_pi - torch.logsumexp(log_pi, dim=1, keepdim=True)  # (N, r, n), normalised over a
-    return torch.logsumexp(log_pi.unsqueeze(-1) + log_p, dim=1)  # (N, n, V)
+    return log_pi - torch.logsumexp(log_pi, dim=1, keepdim=True)
 
 
 class _DraftCrossEntropy(torch.autograd.Function):
@@ -504,19 +510,16 @@ class _DraftCrossEntropy(torch.autograd.Function):
     def forward(ctx, log_w: Tensor, logits: Tensor, targets: Tensor, p: Tensor) -> Tensor:
         valid = targets != IGNORE_INDEX  # (N, n)
         log_p = upcast(logits).log_softmax(-1)  # (N, r, n, V)
-        idx = targets.clamp_min(0)[:, None, :, None].expand(-1, log_p.shape[1], -1, 1)
-        target_logp = log_p.gather(-1, idx).squeeze(-1) * valid.unsqueeze(1)  # (N, r, n)
-        prefix = target_logp.cumsum(-1) - target_logp
-        log_pi = (upcast(log_w).unsqueeze(-1) + prefix).log_softmax(1)  # (N, r, n)
+        log_pi = draft_prefix_log_weights(upcast(log_w), log_p, targets)  # (N, r, n)
         log_q = torch.logsumexp(log_pi.unsqueeze(-1) + log_p, dim=1)  # (N, n, V)
         ce = -(p * log_q).sum(-1) * valid  # (N, n)
-        ctx.save_for_backward(log_p, log_pi, log_q, p, valid, idx)
+        ctx.save_for_backward(log_p, log_pi, log_q, p, valid, targets)
         ctx.dtypes = (log_w.dtype, logits.dtype)
         return ce.sum()
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None, None]:
-        log_p, log_pi, log_q, p, valid, idx = ctx.saved_tensors
+        log_p, log_pi, log_q, p, valid, targets = ctx.saved_tensors
         m = valid.unsqueeze(1).to(log_p.dtype)  # (N, 1, n)
         rho = (log_pi.unsqueeze(-1) + log_p - log_q.unsqueeze(1)).exp_()  # (N, r, n, V)
         p_rho = rho.mul_(p.unsqueeze(1))
@@ -524,6 +527,7 @@ class _DraftCrossEntropy(torch.autograd.Function):
         g = -(big_r - log_pi.exp()) * m  # (N, r, n)
         later = (g.flip(-1).cumsum(-1).flip(-1) - g) * m  # H: sum over s' > s
         grad_z = log_p.exp().mul_((big_r * m - later).unsqueeze(-1)).sub_(p_rho.mul_(m.unsqueeze(-1)))
+        idx = targets.clamp_min(0)[:, None, :, None].expand(-1, log_p.shape[1], -1, 1)
         grad_z.scatter_add_(-1, idx, later.unsqueeze(-1))
         w_dtype, z_dtype = ctx.dtypes
         return (grad * g.sum(-1)).to(w_dtype), (grad * grad_z).to(z_dtype), None, None
