@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call
-from torch.utils.checkpoint import checkpoint
 
 from cpmtp_dist.model.cp_head import IGNORE_INDEX, CPHead, upcast
 from cpmtp_dist.parallel.experts import LOCAL_EXPERTS, ExpertShard
@@ -476,19 +475,13 @@ def draft_conditional_log_probs(log_w: Tensor, log_p: Tensor, targets: Tensor) -
     IGNORE_INDEX where missing (such a token is marginalised out of the prefix, as in the loss).
     Returns (N, n, V). Since q_s(x_{t+s}) chains to the joint, sum_s -log q_s(x_{t+s}) = L_t.
     """
-    log_pi = draft_prefix_log_weights(log_w, log_p, targets)
-    return torch.logsumexp(log_pi.unsqueeze(-1) + log_p, dim=1)  # (N, n, V)
-
-
-def draft_prefix_log_weights(log_w: Tensor, log_p: Tensor, targets: Tensor) -> Tensor:
-    """log pi_a^(s) of `draft_conditional_log_probs`: (N, r), (N, r, n, V), (N, n) -> (N, r, n), normalised
-    over a."""
     valid = targets != IGNORE_INDEX  # (N, n)
     idx = targets.clamp_min(0)[:, None, :, None].expand(-1, log_p.shape[1], -1, 1)
     target_logp = log_p.gather(-1, idx).squeeze(-1) * valid.unsqueeze(1)  # (N, r, n)
     prefix = target_logp.cumsum(-1) - target_logp  # (N, r, n): sum over j < s
     log_pi = log_w.unsqueeze(-1) + prefix
-    return log_pi - torch.logsumexp(log_pi, dim=1, keepdim=True)
+    log_pi = log_pi - torch.logsumexp(log_pi, dim=1, keepdim=True)  # (N, r, n), normalised over a
+    return torch.logsumexp(log_pi.unsqueeze(-1) + log_p, dim=1)  # (N, n, V)
 
 
 class _DraftCrossEntropy(torch.autograd.Function):
@@ -500,8 +493,9 @@ class _DraftCrossEntropy(torch.autograd.Function):
         d/d log w_a   = sum_s G_{a,s}
         d/d z_{a,s,v} = -p_s(v) rho_{a,s}(v) + H_{a,s} [v = x_{t+s}] + P_{a,s}(v) (R_{a,s} - H_{a,s})
 
-    for the logits z (every term only where the target of s exists). Autograd through the same formula
-    would keep several (N, r, n, V) tensors and walk each of them a few times more.
+    for the logits z (every term only where the target of s exists). The mixture is summed in probability
+    space (P = softmax(z) once, q = sum_a pi_a P_a), which the backward reuses; autograd through
+    `draft_conditional_log_probs` would keep several (N, r, n, V) tensors and walk each of them more often.
 
     log_w: (N, r); logits: (N, r, n, V); targets: (N, n) with IGNORE_INDEX where missing; p: (N, n, V)
     the base's probabilities (a constant)."""
@@ -509,25 +503,31 @@ class _DraftCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, log_w: Tensor, logits: Tensor, targets: Tensor, p: Tensor) -> Tensor:
         valid = targets != IGNORE_INDEX  # (N, n)
-        log_p = upcast(logits).log_softmax(-1)  # (N, r, n, V)
-        log_pi = draft_prefix_log_weights(upcast(log_w), log_p, targets)  # (N, r, n)
-        log_q = torch.logsumexp(log_pi.unsqueeze(-1) + log_p, dim=1)  # (N, n, V)
-        ce = -(p * log_q).sum(-1) * valid  # (N, n)
-        ctx.save_for_backward(log_p, log_pi, log_q, p, valid, targets)
+        z = upcast(logits)
+        lse = torch.logsumexp(z, -1, keepdim=True)  # (N, r, n, 1)
+        probs = (z - lse).exp_()  # (N, r, n, V): P
+        idx = targets.clamp_min(0)[:, None, :, None].expand(-1, z.shape[1], -1, 1)
+        target_logp = (z.gather(-1, idx) - lse).squeeze(-1) * valid.unsqueeze(1)  # (N, r, n)
+        prefix = target_logp.cumsum(-1) - target_logp  # (N, r, n): sum over j < s
+        pi = (upcast(log_w).unsqueeze(-1) + prefix).softmax(1)  # (N, r, n)
+        q = torch.zeros_like(probs[:, 0])  # (N, n, V): sum_a pi_a P_a, a component at a time
+        for a in range(z.shape[1]):
+            q.addcmul_(pi[:, a].unsqueeze(-1), probs[:, a])
+        q.clamp_min_(torch.finfo(q.dtype).tiny)  # a q below fp32's range counts as its smallest number
+        ce = -(p * q.log()).sum(-1) * valid  # (N, n)
+        ctx.save_for_backward(probs, pi, q, p, valid, idx)
         ctx.dtypes = (log_w.dtype, logits.dtype)
         return ce.sum()
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None, None]:
-        log_p, log_pi, log_q, p, valid, targets = ctx.saved_tensors
-        m = valid.unsqueeze(1).to(log_p.dtype)  # (N, 1, n)
-        rho = (log_pi.unsqueeze(-1) + log_p - log_q.unsqueeze(1)).exp_()  # (N, r, n, V)
-        p_rho = rho.mul_(p.unsqueeze(1))
+        probs, pi, q, p, valid, idx = ctx.saved_tensors
+        m = valid.unsqueeze(1).to(probs.dtype)  # (N, 1, n)
+        p_rho = (probs * (p / q).unsqueeze(1)).mul_(pi.unsqueeze(-1))  # (N, r, n, V): p_s rho_{a,s}
         big_r = p_rho.sum(-1)  # (N, r, n)
-        g = -(big_r - log_pi.exp()) * m  # (N, r, n)
+        g = -(big_r - pi) * m  # (N, r, n)
         later = (g.flip(-1).cumsum(-1).flip(-1) - g) * m  # H: sum over s' > s
-        grad_z = log_p.exp().mul_((big_r * m - later).unsqueeze(-1)).sub_(p_rho.mul_(m.unsqueeze(-1)))
-        idx = targets.clamp_min(0)[:, None, :, None].expand(-1, log_p.shape[1], -1, 1)
+        grad_z = p_rho.mul_(-m.unsqueeze(-1)).addcmul_(probs, (big_r * m - later).unsqueeze(-1))
         grad_z.scatter_add_(-1, idx, later.unsqueeze(-1))
         w_dtype, z_dtype = ctx.dtypes
         return (grad * g.sum(-1)).to(w_dtype), (grad * grad_z).to(z_dtype), None, None
@@ -553,10 +553,10 @@ def distillation_kl_sum(
     h: (B, T, d) trunk output; targets: (B, T, n). Gradients reach the head (gate included) and, if
     they require grad, h and the shared unembedding; never the teacher.
 
-    Note: memory. Each chunk of `chunk_tokens` rows materialises (rows, r, n, V) log-probabilities;
-    the chunks are activation-checkpointed, so only one chunk's are alive at a time, in the forward as
-    in the backward (which recomputes the chunk, teacher included). Single device: all r components and
-    the whole vocabulary must be here (no tp, ep or pp).
+    Note: memory. Each chunk of `chunk_tokens` rows materialises (rows, r, n, V) log-probabilities, one
+    chunk at a time: with gradients wanted, each chunk's gradient is computed right after its value
+    (`_DistillationKL`), so nothing of a chunk outlives it. Single device: all r components and the whole
+    vocabulary must be here (no tp, ep or pp).
     """
     if h.dim() != 3 or targets.shape[:2] != h.shape[:2] or targets.shape[-1] != head.horizon:
         raise ValueError(
@@ -575,7 +575,7 @@ def distillation_kl_sum(
     h = h.reshape(-1, h.shape[-1])  # (N, d)
     n_rows = h.shape[0]
 
-    def chunk_kl(h_win: Tensor, rows: slice, unembed: Tensor | None) -> Tensor:
+    def chunk_kl(leaves: dict[str, Tensor], h_win: Tensor, rows: slice, unembed: Tensor | None) -> Tensor:
         # h_win: the chunk's rows and the n - 1 after them (teacher positions t + s - 1).
         k = rows.stop - rows.start
         hc, tg = h_win[:k], targets[rows]  # (k, d), (k, n)
@@ -586,19 +586,60 @@ def distillation_kl_sum(
             log_p = base.unfold(0, n, 1)[:k].transpose(1, 2)  # (k, n, V)
             p = log_p.exp()
             ent = (p * log_p).sum(-1)  # (k, n): sum_v p log p (KL's constant part)
-        logits = head.factor_logits_at(hc, unembed, slice(None))  # (k, r, n, V)
-        cross = _DraftCrossEntropy.apply(head.gate_log_weights(hc), logits, tg, p)
+        logits = _call(head, leaves, "factor_logits_at", hc, unembed, slice(None))  # (k, r, n, V)
+        log_w = _call(head, leaves, "gate_log_weights", hc)
+        cross = _DraftCrossEntropy.apply(log_w, logits, tg, p)
         return torch.where(tg != IGNORE_INDEX, ent, torch.zeros_like(ent)).sum() + cross
 
+    names, params = zip(*head.named_parameters(), strict=True)
+    windows = [
+        (rows, slice(rows.start, min(rows.stop + n - 1, n_rows))) for rows in _chunks(n_rows, chunk_tokens)
+    ]
+    wanted = [h, shared_unembedding, *params]
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in wanted):
+        return _DistillationKL.apply(chunk_kl, names, windows, h, shared_unembedding, *params)
+    leaves = dict(zip(names, params, strict=True))
     total = torch.zeros((), dtype=upcast(h[:0]).dtype, device=h.device)
-    for rows in _chunks(n_rows, chunk_tokens):
-        h_win = h[rows.start : min(rows.stop + n - 1, n_rows)]
-        if torch.is_grad_enabled():
-            # Nothing random is drawn in a chunk, so the generators need not be saved for the recomputation.
-            part = checkpoint(
-                chunk_kl, h_win, rows, shared_unembedding, use_reentrant=False, preserve_rng_state=False
-            )
-        else:
-            part = chunk_kl(h_win, rows, shared_unembedding)
-        total = total + part
+    for rows, win in windows:
+        total = total + chunk_kl(leaves, h[win], rows, shared_unembedding)
     return total
+
+
+class _DistillationKL(torch.autograd.Function):
+    """`distillation_kl_sum` with its gradient computed chunk by chunk in the forward: the output is one
+    number, so its gradient is the upstream one times the forward's own, and each chunk's (rows, r, n, V)
+    tensors are built once (a backward pass would have to build them again). Inputs after the non-tensor
+    arguments: h (N, d), the shared unembedding or None, the head's parameters in `names` order (routed
+    through `apply` so that gradients reach them through autograd, as in `_ChunkedCPLoss`)."""
+
+    @staticmethod
+    def forward(ctx, chunk_kl, names, windows, h, unembed, *params):
+        leaves = {k: p.detach().requires_grad_(p.requires_grad) for k, p in zip(names, params, strict=True)}
+        u = None if unembed is None else unembed.detach().requires_grad_(unembed.requires_grad)
+        wrt = [x for x in (u, *leaves.values()) if x is not None and x.requires_grad]
+        acc = [torch.zeros_like(upcast(x)) for x in wrt]
+        grad_h = torch.zeros_like(upcast(h)) if h.requires_grad else None
+        total = torch.zeros((), dtype=upcast(h[:0]).dtype, device=h.device)
+        for rows, win in windows:
+            h_win = h[win].detach().requires_grad_(h.requires_grad)
+            with torch.enable_grad():
+                part = chunk_kl(leaves, h_win, rows, u)
+            grads = torch.autograd.grad(part, [h_win] * h.requires_grad + wrt, allow_unused=True)
+            if h.requires_grad:
+                grad_h[win] += upcast(grads[0]) if grads[0] is not None else 0
+                grads = grads[1:]
+            for a, g in zip(acc, grads, strict=True):
+                if g is not None:
+                    a += upcast(g)
+            total += part.detach()
+        ctx.grad_h = None if grad_h is None else grad_h.to(h.dtype)
+        ctx.grads = [a.to(x.dtype) for a, x in zip(acc, wrt, strict=True)]
+        ctx.wants = [x is not None and x.requires_grad for x in (u, *leaves.values())]
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        grads = iter(ctx.grads)
+        found = [grad * next(grads) if want else None for want in ctx.wants]
+        grad_h = None if ctx.grad_h is None else grad * ctx.grad_h
+        return (None, None, None, grad_h, *found)
