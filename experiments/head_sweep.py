@@ -1,6 +1,6 @@
 """The paper's head-only experiment: CP heads of rank r at n = 4 fine-tuned on a frozen next-token trunk.
 
-    python experiments/head_sweep.py                              # the trunk of experiments/trunk.py, ~50 min
+    python experiments/head_sweep.py                              # the trunk of experiments/trunk.py, ~2 h
     python experiments/head_sweep.py --ranks 1 8 --steps 50 --root runs/head_quick --results /tmp/r.md
 
 The trunk is `--trunk` (default `runs/trunk/run/checkpoints`, what `python experiments/trunk.py` trains:
