@@ -513,7 +513,7 @@ class _DraftCrossEntropy(torch.autograd.Function):
         q = torch.zeros_like(probs[:, 0])  # (N, n, V): sum_a pi_a P_a, a component at a time
         for a in range(z.shape[1]):
             q.addcmul_(pi[:, a].unsqueeze(-1), probs[:, a])
-        q.clamp_min_(torch.finfo(q.dtype).tiny)  # a q below fp32's range counts as its smallest number
+        q.clamp_min_(torch.finfo(q.dtype).tiny)  # a q below the smallest normal number counts as that number
         ce = -(p * q.log()).sum(-1) * valid  # (N, n)
         ctx.save_for_backward(probs, pi, q, p, valid, idx)
         ctx.dtypes = (log_w.dtype, logits.dtype)
@@ -553,8 +553,8 @@ def distillation_kl_sum(
     h: (B, T, d) trunk output; targets: (B, T, n). Gradients reach the head (gate included) and, if
     they require grad, h and the shared unembedding; never the teacher.
 
-    Note: memory. Each chunk of `chunk_tokens` rows materialises (rows, r, n, V) log-probabilities, one
-    chunk at a time: with gradients wanted, each chunk's gradient is computed right after its value
+    Note: memory. Each chunk of `chunk_tokens` rows materialises (rows, r, n, V) logits and probabilities,
+    one chunk at a time: with gradients wanted, each chunk's gradient is computed right after its value
     (`_DistillationKL`), so nothing of a chunk outlives it. Single device: all r components and the whole
     vocabulary must be here (no tp, ep or pp).
     """
