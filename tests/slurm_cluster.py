@@ -110,6 +110,10 @@ class NodeNetwork:
     def namespace(self, node: str) -> str:
         return f"cpmtp-{self.tag}-{node}"
 
+    def outer_link(self, node: str) -> str:
+        """The bridge's end of `node`'s veth pair, in this machine's namespace."""
+        return f"cpv{self.tag}{node}"
+
     def exec_prefix(self, node: str) -> list[str]:
         """What runs a command on `node`: in its network namespace, and only there (`ip netns exec` would
         also mount a sysfs of its own, without the cgroup file system slurmd needs)."""
@@ -126,7 +130,7 @@ class NodeNetwork:
         self._ip("addr", "add", f"{self.controller}/24", "dev", self.bridge)
         self._ip("link", "set", self.bridge, "up")
         for name in self.names:
-            ns, outer, inner = self.namespace(name), f"cpv{self.tag}{name}", f"cpp{self.tag}{name}"
+            ns, outer, inner = self.namespace(name), self.outer_link(name), f"cpp{self.tag}{name}"
             self._ip("netns", "add", ns)
             self._made.append(name)
             self._ip("link", "add", outer, "type", "veth", "peer", "name", inner)
@@ -145,7 +149,7 @@ class NodeNetwork:
     def lose(self, node: str) -> None:
         """The node fails: its link goes down (its peers see no goodbye, only silence), then every process
         on it (slurmd, the job step, the ranks) is killed."""
-        self._ip("link", "set", f"cpv{self.tag}{node}", "down")
+        self._ip("link", "set", self.outer_link(node), "down")
         self._kill(node)
 
     def _kill(self, node: str) -> None:

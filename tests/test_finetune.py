@@ -14,7 +14,7 @@ import torch
 
 from cpmtp_dist.config_io import ConfigError, load_config, validate_config
 from cpmtp_dist.model.cp_head import IGNORE_INDEX
-from cpmtp_dist.model.cp_loss import distillation_kl_sum, draft_conditional_log_probs, naive_cp_loss
+from cpmtp_dist.model.cp_loss import distillation_kl_sum, draft_cross_entropy, naive_cp_loss
 from cpmtp_dist.training.checkpoint import read_model_state
 from cpmtp_dist.training.trainer import objective_sum
 from test_cp_head import KINDS, D, make_head
@@ -117,11 +117,10 @@ def test_draft_conditionals_chain_to_the_joint_nll():
     head, unembed = make_head(V, N, R, KINDS[0])
     h, targets = make_batch()
     h2, tg2 = h.reshape(-1, D), targets.reshape(-1, N)
-    log_q = draft_conditional_log_probs(
-        head.gate_log_weights(h2), head.all_factor_log_probs(h2, unembed), tg2
+    one_hot = torch.nn.functional.one_hot(tg2.clamp_min(0), V).to(h2.dtype)  # p_s: the data token itself
+    nll = draft_cross_entropy(
+        head.gate_log_weights(h2), head.factor_logits_at(h2, unembed, slice(None)), tg2, one_hot
     )
-    valid = tg2 != IGNORE_INDEX
-    nll = -(log_q.gather(-1, tg2.clamp_min(0).unsqueeze(-1)).squeeze(-1) * valid).sum()
     torch.testing.assert_close(nll, naive_cp_loss(head, h, targets, unembed).loss_sum)
 
 

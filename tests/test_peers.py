@@ -27,14 +27,11 @@ def test_gloo_failures_of_a_peer_are_recognised_and_others_are_not():
 
 @pytest.fixture
 def store(monkeypatch):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = dist.TCPStore(
-        "127.0.0.1", port, is_master=True, timeout=timedelta(seconds=10), wait_for_workers=False
+    server = dist.TCPStore(  # port 0: the store binds a free port itself
+        "127.0.0.1", 0, is_master=True, timeout=timedelta(seconds=10), wait_for_workers=False
     )
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(port))
+    monkeypatch.setenv("MASTER_PORT", str(server.port))
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
     return server
 

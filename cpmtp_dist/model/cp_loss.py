@@ -466,27 +466,21 @@ def load_balancing_loss(log_weights: Tensor, responsibilities: Tensor, has_targe
 # Distillation (head-only fine-tuning)
 
 
-def draft_conditional_log_probs(log_w: Tensor, log_p: Tensor, targets: Tensor) -> Tensor:
-    """log q_s(.) of the draft given the true prefix (teacher forcing), for every head position s.
+def draft_cross_entropy(log_w: Tensor, logits: Tensor, targets: Tensor, p: Tensor) -> Tensor:
+    """sum over rows t and head positions s whose target exists of -sum_v p_s(v) log q_s(v), where q_s is
+    the draft's conditional of x_{t+s} given the true prefix (teacher forcing):
 
         q_s = sum_a pi_a^(s) P_a^(s),   pi^(s) ∝ w_a prod_{j<s, target j exists} P_a^(j)(x_{t+j})
 
-    log_w: (N, r) gate log-weights; log_p: (N, r, n, V) factor log-probabilities; targets: (N, n) with
-    IGNORE_INDEX where missing (such a token is marginalised out of the prefix, as in the loss).
-    Returns (N, n, V). Since q_s(x_{t+s}) chains to the joint, sum_s -log q_s(x_{t+s}) = L_t.
-    """
-    valid = targets != IGNORE_INDEX  # (N, n)
-    idx = targets.clamp_min(0)[:, None, :, None].expand(-1, log_p.shape[1], -1, 1)
-    target_logp = log_p.gather(-1, idx).squeeze(-1) * valid.unsqueeze(1)  # (N, r, n)
-    prefix = target_logp.cumsum(-1) - target_logp  # (N, r, n): sum over j < s
-    log_pi = log_w.unsqueeze(-1) + prefix
-    log_pi = log_pi - torch.logsumexp(log_pi, dim=1, keepdim=True)  # (N, r, n), normalised over a
-    return torch.logsumexp(log_pi.unsqueeze(-1) + log_p, dim=1)  # (N, n, V)
+    log_w: (N, r) gate log-weights; logits: (N, r, n, V) of the factors P; targets: (N, n) with IGNORE_INDEX
+    where missing (such a token is marginalised out of the prefix, as in the loss); p: (N, n, V) target
+    distributions (a constant). Since q_s(x_{t+s}) chains to the joint, with p_s the one-hot of x_{t+s} this is
+    sum_t L_t. Gradients in closed form (`_DraftCrossEntropy`)."""
+    return _DraftCrossEntropy.apply(log_w, logits, targets, p)
 
 
 class _DraftCrossEntropy(torch.autograd.Function):
-    """sum over (t, s) with a target of -sum_v p_s(v) log q_s(v), q_s as in `draft_conditional_log_probs`,
-    with the closed-form gradient (docs/FINETUNE.md, "The loss"): with rho_{a,s}(v) = pi_{a,s} P_{a,s}(v) / q_s(v),
+    """`draft_cross_entropy` with the closed-form gradient (docs/FINETUNE.md, "The loss"): with rho_{a,s}(v) = pi_{a,s} P_{a,s}(v) / q_s(v),
     R_{a,s} = sum_v p_s(v) rho_{a,s}(v), G_{a,s} = -(R_{a,s} - pi_{a,s}) (the gradient at the log-weight of a
     in pi^(s)) and H_{a,s} = sum_{s' > s} G_{a,s'} (the later positions' pull on the prefix token x_{t+s}):
 
@@ -494,8 +488,8 @@ class _DraftCrossEntropy(torch.autograd.Function):
         d/d z_{a,s,v} = -p_s(v) rho_{a,s}(v) + H_{a,s} [v = x_{t+s}] + P_{a,s}(v) (R_{a,s} - H_{a,s})
 
     for the logits z (every term only where the target of s exists). The mixture is summed in probability
-    space (P = softmax(z) once, q = sum_a pi_a P_a), which the backward reuses; autograd through
-    `draft_conditional_log_probs` would keep several (N, r, n, V) tensors and walk each of them more often.
+    space (P = softmax(z) once, q = sum_a pi_a P_a), which the backward reuses; autograd through the same
+    formula would keep several (N, r, n, V) tensors and walk each of them more often.
 
     log_w: (N, r); logits: (N, r, n, V); targets: (N, n) with IGNORE_INDEX where missing; p: (N, n, V)
     the base's probabilities (a constant)."""
@@ -545,7 +539,7 @@ def distillation_kl_sum(
     """sum over positions t and head positions s whose target exists of KL(p_s || q_s), fp32.
 
     q_s is the draft's conditional of x_{t+s} given the true prefix x_{t+1..t+s-1}
-    (`draft_conditional_log_probs`); p_s is the base model's next-token distribution of the same token,
+    (`draft_cross_entropy`); p_s is the base model's next-token distribution of the same token,
     `teacher_log_probs` (rows, d) -> (rows, V) at position t+s-1 of the same sequence (computed from the
     same hidden states: the trunk is frozen and shared). A term whose position t+s-1 lies outside the
     sequence is dropped. Divide by the same count as the CP loss (positions with >= 1 target).
@@ -588,7 +582,7 @@ def distillation_kl_sum(
             ent = (p * log_p).sum(-1)  # (k, n): sum_v p log p (KL's constant part)
         logits = _call(head, leaves, "factor_logits_at", hc, unembed, slice(None))  # (k, r, n, V)
         log_w = _call(head, leaves, "gate_log_weights", hc)
-        cross = _DraftCrossEntropy.apply(log_w, logits, tg, p)
+        cross = draft_cross_entropy(log_w, logits, tg, p)
         return torch.where(tg != IGNORE_INDEX, ent, torch.zeros_like(ent)).sum() + cross
 
     names, params = zip(*head.named_parameters(), strict=True)
